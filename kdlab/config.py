@@ -1,0 +1,186 @@
+"""Typed, validated run configs: YAML (``yaml.safe_load``) + dotted overrides.
+
+An unknown key, a wrong type or an out-of-range value raises :class:`ConfigError`
+with a one-line message naming the key. Field descriptions double as documentation
+(``kdlab train --help-config`` prints them).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    name: Literal["digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "cifar100"] = Field(
+        "mnist1d", description="dataset: built in (digits, mnist1d) or read from data.root")
+    root: Optional[str] = Field(None, description="directory of the dataset files (IDX or CIFAR pickles)")
+    val_size: Optional[int] = Field(
+        None, ge=0, description="training examples held out for validation; default 10k for MNIST/CIFAR "
+        "(both papers), 10% of the training set for digits and MNIST-1D")
+    split_seed: int = Field(0, description="seed of the train/validation split")
+    augment: Literal["auto", "none", "crop_flip", "shift2", "shift1d"] = Field(
+        "auto", description="batch augmentation; auto = crop_flip for CIFAR, shift2 for 28×28, shift1d for MNIST-1D")
+    num_samples: int = Field(5000, gt=0, description="MNIST-1D: examples generated (80% train, 20% test)")
+    generator_seed: int = Field(42, description="MNIST-1D: seed of the generator")
+    label_noise: float = Field(0.0, ge=0.0, le=1.0, description="fraction of training labels flipped")
+    noise_type: Literal["symmetric", "asymmetric"] = Field("symmetric", description="label noise kind")
+    noise_seed: int = Field(0, description="seed of the label noise")
+
+
+class ModelConfig(_Strict):
+    name: str = Field("wrn-16-2", description="registered model name (`kdlab models`)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from .models import _FAMILIES
+
+        if not any(regex.match(name) for regex, *_ in _FAMILIES.values()):
+            raise ValueError(f"unknown model {name!r} (see `kdlab models`)")
+        return name
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(200, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    decay_bn_bias: bool = Field(False, description="apply weight decay to BN parameters and biases too")
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = Field([100, 150], description="multistep: epochs where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+    grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm")
+
+
+class LossConfig(_Strict):
+    alpha: float = Field(0.0, ge=0.0, le=1.0, description="weight of the KD term: (1-α)·CE + α·KD")
+    kd: Literal["kl", "mse"] = "kl"
+    tau: float = Field(4.0, description="KL temperature τ > 0; inf for the τ→∞ limit")
+    kl_scaling: Literal["tau2", "max", "none"] = "tau2"
+    mse_reduction: Literal["sum", "mean", "half_sum"] = "sum"
+    smoothing: float = Field(0.0, ge=0.0, le=1.0, description="label smoothing of the CE targets")
+    smoothing_mode: Literal["uniform", "others"] = "uniform"
+
+    @field_validator("tau")
+    @classmethod
+    def _positive(cls, tau: float) -> float:
+        if math.isnan(tau) or tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        return tau
+
+
+class TeacherConfig(_Strict):
+    runs: list[str] = Field(min_length=1, description="finished run dirs; several = ensemble (mean logits)")
+
+
+class Config(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.+-]+$", description="prefix of the run dir name")
+    seed: int = 0
+    out_dir: str = Field("runs", description="parent directory of run dirs (not part of the hash)")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    teacher: Optional[TeacherConfig] = None
+    bf16: bool = Field(False, description="bf16 autocast for the model (losses stay float32)")
+    channels_last: bool = False
+    eval_batch_size: int = Field(1000, gt=0)
+
+    @model_validator(mode="after")
+    def _teacher_needed(self):
+        if self.loss.alpha > 0 and self.teacher is None:
+            raise ValueError("loss.alpha > 0 needs a teacher section (teacher.runs)")
+        return self
+
+    def run_hash(self) -> str:
+        """8 hex digits of the SHA-256 of the resolved config, out_dir excluded."""
+        payload = self.model_dump(mode="json", exclude={"out_dir"})
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / f"{self.name}-{self.run_hash()}"
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="python")
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        return f"unknown config key '{loc}'"
+    msg = msg.removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config key '{loc}': {msg}{more}" if loc else f"config: {msg}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("inf", "+inf", "infinity"):
+        value = math.inf
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> Config:
+    data = apply_overrides(data or {}, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or none: defaults), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    return build_config(data, overrides)

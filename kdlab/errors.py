@@ -1,0 +1,17 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+
+
+class KdlabError(Exception):
+    """Base class: bad input, named in the message."""
+
+
+class ConfigError(KdlabError):
+    """An unknown key, a wrong type or an out-of-range value in a config."""
+
+
+class DataError(KdlabError):
+    """A missing or malformed dataset file or directory."""
+
+
+class RunError(KdlabError):
+    """A run dir that cannot be used (unfinished teacher, corrupt checkpoint, ...)."""

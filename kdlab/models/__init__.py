@@ -1,0 +1,58 @@
+"""A tiny model registry (timm-style): ``build_model(name, num_classes)``, ``list_models()``.
+
+Names carry their sizes: ``wrn-16-2``, ``resnet-56``, ``mlp-1200-1200``, ``cnn1d-32``.
+Each registered *family* is a regex and a builder. Every model's ``forward(x,
+return_features=False)`` returns logits, or ``(logits, features)`` where features are
+the penultimate activations (the input of the last linear layer).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import torch.nn as nn
+
+_FAMILIES: dict[str, tuple[re.Pattern, Callable[..., nn.Module], str, list[str]]] = {}
+
+
+def register_family(pattern: str, example_names: list[str], help: str):
+    """Register a builder ``fn(match, num_classes, input_shape) -> nn.Module``."""
+
+    def wrap(fn):
+        _FAMILIES[pattern] = (re.compile(pattern + r"\Z"), fn, help, example_names)
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Example names of every family (each family accepts any size its pattern allows)."""
+    return [name for _, _, _, examples in _FAMILIES.values() for name in examples]
+
+
+def describe_models() -> list[tuple[str, str]]:
+    return [(pattern, help) for pattern, (_, _, help, _) in _FAMILIES.items()]
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, input_shape: Sequence[int] | None = None
+) -> nn.Module:
+    """Build a model by name. ``input_shape`` is one sample's shape (C, H, W) or (C, L);
+    when given it sets ``in_channels``; MLPs need it to size their first layer
+    (default (in_channels, 28, 28))."""
+    if input_shape is not None:
+        input_shape = tuple(int(s) for s in input_shape)
+        in_channels = input_shape[0]
+    for regex, fn, _, _ in _FAMILIES.values():
+        match = regex.match(name)
+        if match:
+            return fn(match, num_classes=num_classes, in_channels=in_channels, input_shape=input_shape)
+    raise ValueError(f"unknown model {name!r}; known families: {', '.join(_FAMILIES)}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+from . import alexnet, cnn1d, mlp, resnet, wrn  # noqa: E402,F401  (registers the families)

@@ -1,0 +1,36 @@
+"""Fully connected ReLU nets ``mlp-H1-H2-...`` (Müller et al. A.5: 784-1200-1200-10
+teacher, 784-800-800-10 student). The input is flattened."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from . import register_family
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int):
+        super().__init__()
+        layers, width = [nn.Flatten()], in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+            width = h
+        self.hidden = nn.Sequential(*layers)
+        self.fc = nn.Linear(width, num_classes)
+        self.feature_dim = width
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features = self.hidden(x)
+        logits = self.fc(features)
+        return (logits, features) if return_features else logits
+
+
+@register_family(r"mlp((?:-\d+)+)", ["mlp-1200-1200", "mlp-800-800"],
+                 "fully connected ReLU net with the given hidden widths (Müller et al. A.5)")
+def _build(match, num_classes, in_channels, input_shape):
+    shape = input_shape if input_shape is not None else (in_channels, 28, 28)
+    hidden = [int(h) for h in match[1].strip("-").split("-")]
+    return MLP(math.prod(shape), hidden, num_classes)

@@ -1,0 +1,241 @@
+"""The one training loop: teacher or student, CE / LS / KL / MSE, resumable.
+
+``train(cfg)`` resolves everything that can fail on bad input (data, teachers) *before*
+it creates the run dir, then trains with SGD, checkpointing atomically every epoch.
+Starting the same config again resumes from the last checkpoint, or returns the stored
+result when the run has finished. Data order and augmentation come from one seeded
+``torch.Generator`` whose state is checkpointed, so a resumed run ends with exactly the
+metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import Dataset, load_dataset
+from .errors import RunError
+from .losses import distillation_loss, ensemble_logits
+from .models import build_model, count_parameters
+from .runs import (
+    atomic_save_npz,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_finished_model,
+    read_json,
+    run_meta,
+    torch_load,
+)
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _to_device_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 1000, *,
+            features: bool = False, bf16: bool = False, channels_last: bool = False):
+    """Logits (float32) of ``model`` on raw inputs ``x`` (and penultimate features)."""
+    was_training = model.training
+    model.eval()
+    logits, feats = [], []
+    for start in range(0, len(x), batch_size):
+        batch = _to_device_layout(data.prepare(x[start : start + batch_size]), channels_last)
+        with _autocast(bf16):
+            out = model(batch, return_features=True)
+        logits.append(out[0].float())
+        feats.append(out[1].float())
+    model.train(was_training)
+    logits = torch.cat(logits) if logits else torch.zeros(0)
+    return (logits, torch.cat(feats)) if features else logits
+
+
+def _metrics(prefix: str, logits: torch.Tensor, labels: torch.Tensor, teacher_logits=None) -> dict:
+    out = {
+        f"{prefix}_acc": (logits.argmax(1) == labels).float().mean().item(),
+        f"{prefix}_nll": nn.functional.cross_entropy(logits, labels).item(),
+        f"{prefix}_logit_sum": logits.sum(1).mean().item(),
+    }
+    if teacher_logits is not None:
+        out[f"{prefix}_agreement"] = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
+        out[f"{prefix}_logit_distance"] = (logits - teacher_logits).norm(dim=1).mean().item()
+    return out
+
+
+def _param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool):
+    if decay_bn_bias:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _scheduler(optimizer, cfg):
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+class _Teachers:
+    """Frozen teacher(s); several are an ensemble whose logits are averaged."""
+
+    def __init__(self, run_dirs: list[str], data: Dataset):
+        self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape) for r in run_dirs]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+        with _autocast(bf16):
+            return ensemble_logits([m(x) for m in self.models])
+
+    def predict(self, data: Dataset, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return ensemble_logits([predict(m, data, x, batch_size) for m in self.models])
+
+
+def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
+          log=print) -> dict | None:
+    """Train the run ``cfg`` describes; return its result dict.
+
+    ``stop_after_epoch`` ends the call after that many epochs in total, as a kill would
+    (checkpoint written, no result): the next call resumes. It returns None then.
+    """
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data)
+    teachers = _Teachers(cfg.teacher.runs, data) if cfg.teacher else None
+
+    run_dir = cfg.run_dir()
+    if (run_dir / "result.json").is_file():
+        log(f"{run_dir}: finished already, nothing to do")
+        return read_json(run_dir / "result.json")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    atomic_write_json(run_dir / "meta.json", run_meta())
+    if len(data.noisy_indices):
+        atomic_save_npz(run_dir / "label_noise.npz", flipped_indices=data.noisy_indices,
+                        clean_labels=data.clean_train_y.numpy(), noisy_labels=data.train_y.numpy())
+
+    model = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt_cfg, loss_cfg = cfg.optim, cfg.loss
+    optimizer = torch.optim.SGD(
+        _param_groups(model, opt_cfg.weight_decay, opt_cfg.decay_bn_bias),
+        lr=opt_cfg.lr, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
+    )
+    scheduler = _scheduler(optimizer, opt_cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start_epoch = 0
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if checkpoint_path.exists():
+        state = torch_load(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = state["epoch"]
+        log(f"{run_dir}: resuming after epoch {start_epoch}")
+    metrics_path = run_dir / "metrics.jsonl"
+    previous = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if metrics_path.exists() else []
+    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in previous if m["epoch"] <= start_epoch))
+
+    test_teacher = val_teacher = None
+    if teachers is not None:
+        val_teacher = teachers.predict(data, data.val_x, cfg.eval_batch_size)
+        test_teacher = teachers.predict(data, data.test_x, cfg.eval_batch_size)
+    use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
+    loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
+                       mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
+                       smoothing_mode=loss_cfg.smoothing_mode)
+    params = list(model.parameters())
+    n_train, batch_size, aug = len(data.train_y), opt_cfg.batch_size, data.augmentation
+    train_time = sum(m["epoch_time_s"] for m in previous if m["epoch"] <= start_epoch)
+
+    bar = tqdm(range(start_epoch, opt_cfg.epochs), desc=run_dir.name, disable=not progress, leave=False,
+               initial=start_epoch, total=opt_cfg.epochs, unit="ep", dynamic_ncols=True)
+    record = previous[start_epoch - 1] if 0 < start_epoch <= len(previous) else {}
+    for epoch in bar:
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.int64)
+        order = torch.randperm(n_train, generator=generator)
+        for begin in range(0, n_train, batch_size):
+            index = order[begin : begin + batch_size]
+            views = aug.sample(len(index), generator)
+            x = _to_device_layout(data.prepare(aug.apply(data.train_x[index], views)), cfg.channels_last)
+            y = data.train_y[index]
+            with _autocast(cfg.bf16):
+                logits = model(x)
+            teacher_logits = teachers(x, cfg.bf16) if use_teacher_in_step else None
+            loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt_cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach().double() * len(index)
+            correct += (logits.detach().argmax(1) == y).sum()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        epoch_time = time.perf_counter() - started
+        train_time += epoch_time
+        train_loss = (loss_sum / n_train).item()
+        if not math.isfinite(train_loss):
+            raise RunError(f"{run_dir}: training loss became {train_loss} in epoch {epoch + 1} "
+                           "(lower optim.lr or set optim.grad_clip; the last good epoch is checkpointed)")
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / n_train,
+                  "epoch_time_s": epoch_time, "images_per_s": n_train / epoch_time}
+        val_logits = predict(model, data, data.val_x, cfg.eval_batch_size, bf16=cfg.bf16, channels_last=cfg.channels_last)
+        test_logits = predict(model, data, data.test_x, cfg.eval_batch_size, bf16=cfg.bf16, channels_last=cfg.channels_last)
+        if len(data.val_y):
+            record.update(_metrics("val", val_logits, data.val_y, val_teacher))
+        record.update(_metrics("test", test_logits, data.test_y, test_teacher))
+        with open(metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        atomic_torch_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                           "torch_rng": torch.get_rng_state()}, checkpoint_path)
+        bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{record['test_acc']:.3f}",
+                        img_s=f"{record['images_per_s']:.0f}")
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
+            bar.close()
+            return None
+    bar.close()
+
+    for split in ("val", "test"):
+        x, y = data.split(split)
+        logits, features = predict(model, data, x, cfg.eval_batch_size, features=True, bf16=cfg.bf16,
+                                   channels_last=cfg.channels_last)
+        arrays = {"logits": logits.numpy(), "labels": y.numpy(), "features": features.numpy()}
+        teacher_logits = val_teacher if split == "val" else test_teacher
+        if teacher_logits is not None:
+            arrays["teacher_logits"] = teacher_logits.numpy()
+        atomic_save_npz(run_dir / f"eval_{split}.npz", **arrays)
+    atomic_torch_save(model.state_dict(), run_dir / "model.pt")
+    result = {
+        "run_dir": str(run_dir), "name": cfg.name, "hash": cfg.run_hash(), "model": cfg.model.name,
+        "dataset": cfg.data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+        "num_params": count_parameters(model), "epochs": opt_cfg.epochs, "train_time_s": train_time,
+        "images_per_s": n_train * opt_cfg.epochs / train_time if train_time > 0 else None,
+        "final": {k: v for k, v in record.items() if k.startswith(("val_", "test_", "train_"))},
+    }
+    atomic_write_json(run_dir / "result.json", result)
+    checkpoint_path.unlink(missing_ok=True)
+    return result

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny files in the real dataset formats."""
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    codes = {np.uint8: 0x08, np.int32: 0x0C, np.float32: 0x0D}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    body = array.astype(array.dtype.newbyteorder(">")).tobytes()
+    data = header + body
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def write_idx_dataset(root: Path, n_train=40, n_test=20, compress=True, seed=0):
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if compress else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), compress)
+        write_idx(root / f"{split}-labels-idx1-ubyte{suffix}", (np.arange(n) % 10).astype(np.uint8), compress)
+    return root
+
+
+def write_cifar(root: Path, num_classes: int, n_per_file=12, seed=0):
+    """CIFAR python-pickle batches as the originals: dicts with bytes keys."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    if num_classes == 10:
+        files, key = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+    else:
+        files, key = ["train", "test"], b"fine_labels"
+    for name in files:
+        batch = {b"data": rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8),
+                 key: [int(v) for v in rng.integers(0, num_classes, n_per_file)], b"batch_label": b"x"}
+        with open(root / name, "wb") as handle:
+            pickle.dump(batch, handle, protocol=2)
+    return root
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path):
+    return write_cifar(tmp_path / "cifar-10-batches-py", 10)
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path):
+    return write_cifar(tmp_path / "cifar-100-python", 100, n_per_file=60)

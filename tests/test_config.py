@@ -1,0 +1,54 @@
+import math
+
+import pytest
+
+from kdlab.config import build_config, load_config
+from kdlab.errors import ConfigError
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loss.tua=1"], "unknown config key 'loss.tua'"),
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["optim.epochs=ten"], "optim.epochs"),
+    (["loss.tau=0"], "tau must be > 0"),
+    (["loss.tau=-2"], "tau must be > 0"),
+    (["loss.tau=.nan"], "tau must be > 0"),
+    (["loss.alpha=1.5"], "loss.alpha"),
+    (["loss.alpha=0.5"], "needs a teacher"),
+    (["model.name=vgg"], "unknown model"),
+    (["data.name=imagenet"], "data.name"),
+    (["loss.kd=l1"], "loss.kd"),
+    (["epochs"], "key.sub=value"),
+])
+def test_bad_configs_name_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        build_config({}, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_overrides_parse_yaml_values_and_infinity():
+    cfg = build_config({}, ["loss.tau=inf", "optim.milestones=[3, 5]", "teacher.runs=[a, b]", "loss.alpha=1"])
+    assert math.isinf(cfg.loss.tau) and cfg.optim.milestones == [3, 5] and cfg.teacher.runs == ["a", "b"]
+
+
+def test_hash_ignores_out_dir_and_follows_everything_else():
+    a = build_config({"out_dir": "x"})
+    assert a.run_hash() == build_config({"out_dir": "y"}).run_hash()
+    assert a.run_hash() != build_config({}, ["loss.smoothing=0.1"]).run_hash()
+
+
+def test_yaml_file_round_trip(tmp_path):
+    cfg = build_config({}, ["loss.tau=inf", "loss.alpha=1", "teacher.runs=[t]"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg and again.run_hash() == cfg.run_hash()
+
+
+def test_missing_or_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)

@@ -1,0 +1,147 @@
+"""End to end on built-in / tiny data: run dirs, resume, teachers, CLI errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kdlab.cli import main
+from kdlab.config import build_config
+from kdlab.errors import ConfigError, RunError
+from kdlab.runs import read_metrics
+from kdlab.train import train
+
+TIME_KEYS = {"epoch_time_s", "images_per_s"}
+
+
+def _digits(out_dir, **extra):
+    base = {"out_dir": str(out_dir), "data": {"name": "digits", "val_size": 200, "augment": "none"},
+            "model": {"name": "mlp-64"}, "optim": {"epochs": 4, "batch_size": 64, "lr": 0.05, "milestones": [2]}}
+    for key, value in extra.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(base)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return train(_digits(out, name="teacher", model={"name": "mlp-128-128"}), progress=False, log=lambda *a: None)
+
+
+def test_run_dir_contents(teacher):
+    from pathlib import Path
+
+    run_dir = Path(teacher["run_dir"])
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "meta.json", "metrics.jsonl", "model.pt", "result.json", "eval_val.npz", "eval_test.npz"} <= names
+    assert "checkpoint.pt" not in names and not any(n.endswith(".tmp") for n in names)
+    assert run_dir.name.startswith("teacher-") and run_dir.name.endswith(teacher["hash"])
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    test = np.load(run_dir / "eval_test.npz")
+    assert test["logits"].shape == (297, 10) and test["features"].shape == (297, 128)
+    assert len(read_metrics(run_dir)) == 4
+    assert teacher["final"]["test_acc"] > 0.8  # an MLP learns digits in 4 epochs
+
+
+def test_same_config_again_is_skipped(teacher, tmp_path):
+    from kdlab.runs import load_run_config
+
+    cfg = load_run_config(teacher["run_dir"])
+    messages = []
+    assert train(cfg, progress=False, log=messages.append) == teacher
+    assert "finished already" in messages[0]
+
+
+def _strip(metrics):
+    return [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in metrics]
+
+
+@pytest.mark.parametrize("student", [False, True])
+def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, teacher, student):
+    extra = {"loss": {"alpha": 0.7, "tau": 4.0}, "teacher": {"runs": [teacher["run_dir"]]}} if student else {}
+    extra["data"] = {"name": "digits", "val_size": 200, "augment": "shift2"}  # views come from the generator
+    full = train(_digits(tmp_path / "a", **extra), progress=False, log=lambda *a: None)
+    cfg = _digits(tmp_path / "b", **extra)
+    assert train(cfg, progress=False, stop_after_epoch=2, log=lambda *a: None) is None
+    assert (cfg.run_dir() / "checkpoint.pt").exists() and not (cfg.run_dir() / "result.json").exists()
+    resumed = train(cfg, progress=False, log=lambda *a: None)
+    assert _strip(read_metrics(full["run_dir"])) == _strip(read_metrics(resumed["run_dir"]))
+    a = torch.load(f"{full['run_dir']}/model.pt", weights_only=True)
+    b = torch.load(f"{resumed['run_dir']}/model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_student_records_teacher_metrics_and_ensemble(tmp_path, teacher):
+    cfg = _digits(tmp_path, loss={"alpha": 1.0, "tau": math.inf},
+                  teacher={"runs": [teacher["run_dir"], teacher["run_dir"]]})
+    result = train(cfg, progress=False, log=lambda *a: None)
+    final = result["final"]
+    assert 0 <= final["test_agreement"] <= 1 and final["test_logit_distance"] > 0
+    val = np.load(f"{result['run_dir']}/eval_val.npz")
+    teacher_val = np.load(f"{teacher['run_dir']}/eval_val.npz")
+    np.testing.assert_allclose(val["teacher_logits"], teacher_val["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_label_noise_is_saved_with_the_run(tmp_path):
+    result = train(_digits(tmp_path, data={"label_noise": 0.4}, optim={"epochs": 1}), progress=False,
+                   log=lambda *a: None)
+    saved = np.load(f"{result['run_dir']}/label_noise.npz")
+    assert len(saved["flipped_indices"]) == round(0.4 * 1300)
+    assert (saved["clean_labels"] != saved["noisy_labels"]).sum() == len(saved["flipped_indices"])
+
+
+def test_teacher_with_other_class_count_is_refused_before_writing(tmp_path, cifar10_dir, cifar100_dir):
+    small = {"optim": {"epochs": 1, "batch_size": 32}, "model": {"name": "wrn-10-1"}, "out_dir": str(tmp_path / "r")}
+    t = train(build_config({**small, "data": {"name": "cifar10", "root": str(cifar10_dir), "val_size": 10}}),
+              progress=False, log=lambda *a: None)
+    student = build_config({**small, "out_dir": str(tmp_path / "s"), "loss": {"alpha": 1.0},
+                            "teacher": {"runs": [t["run_dir"]]},
+                            "data": {"name": "cifar100", "root": str(cifar100_dir), "val_size": 10}})
+    with pytest.raises(ConfigError, match="10 classes but the dataset has 100"):
+        train(student, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_unfinished_teacher_and_corrupt_checkpoint(tmp_path, teacher):
+    cfg = _digits(tmp_path / "x")
+    train(cfg, progress=False, stop_after_epoch=1, log=lambda *a: None)
+    student = _digits(tmp_path / "y", loss={"alpha": 1.0}, teacher={"runs": [str(cfg.run_dir())]})
+    with pytest.raises(RunError, match="not finished"):
+        train(student, progress=False)
+    (cfg.run_dir() / "checkpoint.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(RunError, match="corrupt"):
+        train(cfg, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "loss.tau=0"], "tau must be > 0"),
+    (["train", "optim.lr=fast"], "optim.lr"),
+    (["train", "loss.alpha=1.2"], "loss.alpha"),
+    (["train", "optimizer.lr=0.1"], "unknown config key 'optimizer'"),
+    (["train", "data.name=cifar100"], "data.root is required"),
+    (["train", "data.name=mnist", "data.root=/does/not/exist"], "does not exist"),
+    (["train", "loss.alpha=1", "teacher.runs=[/no/such/run]"], "does not exist"),
+])
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(args + [f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdlab: error:") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_subprocess_train_and_exit_codes(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: digits, val_size: 200}\nmodel: {name: mlp-32}\noptim: {epochs: 1}\n")
+    run = subprocess.run([sys.executable, "-m", "kdlab", "train", str(cfg), f"out_dir={tmp_path / 'o'}",
+                          "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "test acc" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "kdlab", "train", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "not found" in bad.stderr
