@@ -15,6 +15,11 @@ def _cmd_train(args) -> int:
     from .config import load_config
     from .train import train
 
+    if args.help_config:
+        from .config import describe_config
+
+        print(describe_config())
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -55,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.tau=inf optim.epochs=10")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("models", help="list registered models")
     p.set_defaults(func=_cmd_models)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,6 +101,7 @@ class Config(_Strict):
     bf16: bool = Field(False, description="bf16 autocast for the model (losses stay float32)")
     channels_last: bool = False
     eval_batch_size: int = Field(1000, gt=0)
+    eval_every: int = Field(1, ge=1, description="evaluate val/test every N epochs (and always after the last)")
 
     @model_validator(mode="after")
     def _teacher_needed(self):
@@ -120,6 +121,29 @@ class Config(_Strict):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="python")
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def describe_config(model: type[BaseModel] = None, prefix: str = "") -> str:
+    """Every config key, its type, default and description (``kdlab train --help-config``)."""
+    model = model or Config
+    lines = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(describe_config(annotation, key + "."))
+            continue
+        if key == "teacher":
+            lines.append(describe_config(TeacherConfig, "teacher."))
+            continue
+        if get_origin(annotation) is Literal:
+            kind = "|".join(str(a) for a in get_args(annotation))
+        else:
+            kind = str(annotation).replace("typing.", "") if get_args(annotation) else annotation.__name__
+        default = "required" if field.is_required() else repr(field.default)
+        text = f"{key} ({kind}, default {default})"
+        lines.append(text + (f": {field.description}" if field.description else ""))
+    return "\n".join(lines)
 
 
 def _format_error(err: ValidationError) -> str:

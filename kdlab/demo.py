@@ -60,27 +60,29 @@ def format_table(rows: list[dict], teacher: dict) -> str:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, teacher_epochs: int = 40, student_epochs: int = 30,
-             num_samples: int = 10000, seed: int = 0, progress: bool = True, log=print) -> dict:
+             num_samples: int = 10000, seed: int = 0, teacher_model: str = "cnn1d-64",
+             student_model: str = "cnn1d-8", progress: bool = True, log=print) -> dict:
     out_dir = Path(out_dir)
     started = time.perf_counter()
     base = _base(out_dir, teacher_epochs, num_samples, seed)
-    teacher_cfg = build_config(_merge(base, {"name": "teacher", "model": {"name": "cnn1d-64"}}))
-    log(f"[1/{len(STUDENTS) + 1}] teacher cnn1d-64 on MNIST-1D ({teacher_epochs} epochs) -> {teacher_cfg.run_dir()}")
+    teacher_cfg = build_config(_merge(base, {"name": "teacher", "model": {"name": teacher_model}}))
+    log(f"[1/{len(STUDENTS) + 1}] teacher {teacher_model} on MNIST-1D ({teacher_epochs} epochs) -> {teacher_cfg.run_dir()}")
     teacher = train(teacher_cfg, progress=progress, log=log)
     rows = []
     for i, (label, slug, extra) in enumerate(STUDENTS, start=2):
         cfg_dict = _merge(_base(out_dir, student_epochs, num_samples, seed), extra)
-        cfg_dict.update(name=f"student-{slug}", model={"name": "cnn1d-8"},
+        cfg_dict.update(name=f"student-{slug}", model={"name": student_model},
                         teacher={"runs": [teacher["run_dir"]]})
         cfg = build_config(cfg_dict)
-        log(f"[{i}/{len(STUDENTS) + 1}] student cnn1d-8, {label} -> {cfg.run_dir()}")
+        log(f"[{i}/{len(STUDENTS) + 1}] student {student_model}, {label} -> {cfg.run_dir()}")
         rows.append({"label": label, "result": train(cfg, progress=progress, log=log)})
     table = format_table(rows, teacher)
     wall = time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "demo_table.md", table + f"\n\nwall time: {wall:.0f} s\n")
     atomic_write_json(out_dir / "demo_results.json", {"teacher": teacher, "students": rows, "wall_time_s": wall})
-    log("\nMNIST-1D test split (2,000 examples); students cnn1d-8, teacher cnn1d-64; α = 1 for KD\n")
+    log(f"\nMNIST-1D test split ({num_samples // 5:,} examples); students "
+        f"{student_model}, teacher {teacher_model}; α = 1 for KD\n")
     log(table)
     log(f"\nwall time {wall:.0f} s; runs and tables in {out_dir}/")
     return {"teacher": teacher, "students": rows, "table": table, "wall_time_s": wall}

@@ -202,17 +202,18 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
                            "(lower optim.lr or set optim.grad_clip; the last good epoch is checkpointed)")
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / n_train,
                   "epoch_time_s": epoch_time, "images_per_s": n_train / epoch_time}
-        val_logits = predict(model, data, data.val_x, cfg.eval_batch_size, bf16=cfg.bf16, channels_last=cfg.channels_last)
-        test_logits = predict(model, data, data.test_x, cfg.eval_batch_size, bf16=cfg.bf16, channels_last=cfg.channels_last)
-        if len(data.val_y):
-            record.update(_metrics("val", val_logits, data.val_y, val_teacher))
-        record.update(_metrics("test", test_logits, data.test_y, test_teacher))
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs:
+            for split, teacher_logits in (("val", val_teacher), ("test", test_teacher)):
+                x, y = data.split(split)
+                if len(y):
+                    logits = predict(model, data, x, cfg.eval_batch_size, bf16=cfg.bf16, channels_last=cfg.channels_last)
+                    record.update(_metrics(split, logits, y, teacher_logits))
         with open(metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         atomic_torch_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                            "torch_rng": torch.get_rng_state()}, checkpoint_path)
-        bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{record['test_acc']:.3f}",
+        bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{record.get('test_acc', float('nan')):.3f}",
                         img_s=f"{record['images_per_s']:.0f}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
             bar.close()

@@ -97,8 +97,12 @@ def test_label_noise_is_saved_with_the_run(tmp_path):
 
 def test_teacher_with_other_class_count_is_refused_before_writing(tmp_path, cifar10_dir, cifar100_dir):
     small = {"optim": {"epochs": 1, "batch_size": 32}, "model": {"name": "wrn-10-1"}, "out_dir": str(tmp_path / "r")}
-    t = train(build_config({**small, "data": {"name": "cifar10", "root": str(cifar10_dir), "val_size": 10}}),
+    # the teacher also exercises bf16 autocast, channels_last and gradient clipping on a real WRN
+    t = train(build_config({**small, "bf16": True, "channels_last": True,
+                            "optim": {**small["optim"], "grad_clip": 1.0},
+                            "data": {"name": "cifar10", "root": str(cifar10_dir), "val_size": 10}}),
               progress=False, log=lambda *a: None)
+    assert np.isfinite(t["final"]["test_nll"])
     student = build_config({**small, "out_dir": str(tmp_path / "s"), "loss": {"alpha": 1.0},
                             "teacher": {"runs": [t["run_dir"]]},
                             "data": {"name": "cifar100", "root": str(cifar100_dir), "val_size": 10}})
@@ -145,3 +149,10 @@ def test_cli_subprocess_train_and_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kdlab", "train", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "not found" in bad.stderr
+
+
+def test_eval_every_skips_evaluation_but_not_the_last_epoch(tmp_path):
+    result = train(_digits(tmp_path, optim={"epochs": 3}, eval_every=2), progress=False, log=lambda *a: None)
+    metrics = read_metrics(result["run_dir"])
+    assert ["test_acc" in m for m in metrics] == [False, True, True]
+    assert "test_acc" in result["final"]

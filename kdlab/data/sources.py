@@ -19,7 +19,10 @@ FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 def load_digits_arrays(test_size: int = 297, seed: int = 0):
     """scikit-learn's bundled 8×8 digits (1797 images, 0..16 scaled to uint8 0..255).
     There is no official test split: a seeded ``test_size`` images are held out."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits dataset needs scikit-learn: pip install 'kdlab[demo]'") from None
 
     bunch = load_digits()
     images = np.clip(bunch.images * 16, 0, 255).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
@@ -35,7 +38,10 @@ def load_mnist1d_arrays(num_samples: int = 5000, seed: int = 42):
     download path). Its own 80/20 train/test split; signals (N, 1, 40) float32.
     Generation takes ~1 s per 1,000 examples, so results are cached in the process
     (read-only arrays: callers copy what they change)."""
-    from mnist1d.data import get_dataset_args, make_dataset
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise DataError("MNIST-1D needs the mnist1d package: pip install 'kdlab[demo]'") from None
 
     args = get_dataset_args()
     args.num_samples, args.seed = int(num_samples), int(seed)
