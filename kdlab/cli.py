@@ -1,4 +1,4 @@
-"""The ``kdlab`` command: ``train``, ``models``, ``demo``.
+"""The ``kdlab`` command: ``train``, ``models``, ``analyze``, ``demo``.
 
 Bad input (config, data, teacher) prints one line ``kdlab: error: ...`` and exits 2.
 """
@@ -52,6 +52,20 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    from .analysis.analyze import analyze_run
+    from .errors import ConfigError
+
+    classes = None
+    if args.classes:
+        try:
+            classes = [int(c) for c in args.classes.split(",")]
+        except ValueError:
+            raise ConfigError(f"--classes takes three class indices like 0,1,2, got {args.classes!r}") from None
+    analyze_run(args.run_dir, args.teacher, classes, args.out, n_bootstrap=args.bootstrap)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description="knowledge distillation and label smoothing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("models", help="list registered models")
     p.set_defaults(func=_cmd_models)
+    p = sub.add_parser("analyze", help="calibration, logit statistics, projections, MI of a finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--teacher", help="teacher run dir (default: the teacher logits stored with the run, if any)")
+    p.add_argument("--classes", help="three class indices for the template projection (default 0,1,2)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser("demo", help="teacher + 7 students on MNIST-1D, with a table (a few minutes)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--teacher-epochs", type=int, default=40)

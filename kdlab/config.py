@@ -89,6 +89,15 @@ class TeacherConfig(_Strict):
     runs: list[str] = Field(min_length=1, description="finished run dirs; several = ensemble (mean logits)")
 
 
+class MutualInformationConfig(_Strict):
+    every_steps: int = Field(0, ge=0, description="log Müller's I(example; logit difference) every N steps; 0 = off")
+    classes: list[int] = Field([0, 5], min_length=2, max_length=2,
+                               description="the two classes whose logit difference is Y (CIFAR-10: airplane, dog)")
+    per_class: int = Field(300, gt=0, description="training examples per class (Müller: 300)")
+    views: int = Field(5, ge=2, description="augmentations per example, L (Müller: 5)")
+    seed: int = Field(0, description="seed of the example and view choice")
+
+
 class Config(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.+-]+$", description="prefix of the run dir name")
     seed: int = 0
@@ -98,6 +107,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     teacher: Optional[TeacherConfig] = None
+    mutual_information: MutualInformationConfig = MutualInformationConfig()
     bf16: bool = Field(False, description="bf16 autocast for the model (losses stay float32)")
     channels_last: bool = False
     eval_batch_size: int = Field(1000, gt=0)

@@ -106,11 +106,18 @@ def read_json(path: Path):
         raise RunError(f"{path}: unreadable JSON ({type(err).__name__})") from None
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
+    """Records of ``metrics.jsonl``: ``kind="epoch"`` (one per epoch), ``"mutual_information"``
+    (one per probe evaluation) or ``"all"``."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if kind == "epoch":
+        return [r for r in records if "train_loss" in r]
+    if kind == "mutual_information":
+        return [r for r in records if "mutual_information" in r]
+    return records
 
 
 def load_run_config(run_dir: Path):

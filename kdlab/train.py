@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import Dataset, load_dataset
-from .errors import RunError
+from .errors import ConfigError, RunError
 from .losses import distillation_loss, ensemble_logits
 from .models import build_model, count_parameters
 from .runs import (
@@ -107,6 +107,35 @@ class _Teachers:
         return ensemble_logits([predict(m, data, x, batch_size) for m in self.models])
 
 
+class _MutualInformationProbe:
+    """Müller §4: a fixed set of training examples of two classes, each under L fixed
+    views; Y = z_a − z_b of the network being trained, in eval mode. Its own generator,
+    so the training data order is the same with the probe on or off."""
+
+    def __init__(self, cfg: Config, data: Dataset):
+        mi = cfg.mutual_information
+        generator = torch.Generator().manual_seed(mi.seed)
+        chosen = []
+        for cls in mi.classes:
+            if not 0 <= cls < data.num_classes:
+                raise ConfigError(f"mutual_information.classes: class {cls} is not in 0..{data.num_classes - 1}")
+            idx = torch.nonzero(data.train_y == cls).flatten()
+            chosen.append(idx[torch.randperm(len(idx), generator=generator)[: mi.per_class]])
+        self.index = torch.cat(chosen)
+        self.views = data.augmentation.sample(len(self.index) * mi.views, generator).view(len(self.index), mi.views)
+        self.classes, self.data, self.cfg = mi.classes, data, cfg
+        self.inputs = self.data.train_x[self.index].repeat_interleave(mi.views, dim=0)
+
+    def __call__(self, model: nn.Module) -> float:
+        from .analysis.mutual_information import mutual_information
+
+        x = self.data.augmentation.apply(self.inputs, self.views.flatten())
+        logits = predict(model, self.data, x, self.cfg.eval_batch_size, bf16=self.cfg.bf16,
+                         channels_last=self.cfg.channels_last)
+        values = (logits[:, self.classes[0]] - logits[:, self.classes[1]]).view(len(self.index), -1)
+        return mutual_information(values.double().numpy())
+
+
 def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
           log=print) -> dict | None:
     """Train the run ``cfg`` describes; return its result dict.
@@ -117,6 +146,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data)
     teachers = _Teachers(cfg.teacher.runs, data) if cfg.teacher else None
+    probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
 
     run_dir = cfg.run_dir()
     if (run_dir / "result.json").is_file():
@@ -163,20 +193,22 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
+    steps_per_epoch = math.ceil(len(data.train_y) / opt_cfg.batch_size)
     params = list(model.parameters())
     n_train, batch_size, aug = len(data.train_y), opt_cfg.batch_size, data.augmentation
-    train_time = sum(m["epoch_time_s"] for m in previous if m["epoch"] <= start_epoch)
+    done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
+    train_time = sum(m["epoch_time_s"] for m in done_epochs)
 
     bar = tqdm(range(start_epoch, opt_cfg.epochs), desc=run_dir.name, disable=not progress, leave=False,
                initial=start_epoch, total=opt_cfg.epochs, unit="ep", dynamic_ncols=True)
-    record = previous[start_epoch - 1] if 0 < start_epoch <= len(previous) else {}
+    record = done_epochs[-1] if done_epochs else {}
     for epoch in bar:
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.int64)
         order = torch.randperm(n_train, generator=generator)
-        for begin in range(0, n_train, batch_size):
+        for step_in_epoch, begin in enumerate(range(0, n_train, batch_size)):
             index = order[begin : begin + batch_size]
             views = aug.sample(len(index), generator)
             x = _to_device_layout(data.prepare(aug.apply(data.train_x[index], views)), cfg.channels_last)
@@ -192,6 +224,10 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             optimizer.step()
             loss_sum += loss.detach().double() * len(index)
             correct += (logits.detach().argmax(1) == y).sum()
+            step = epoch * steps_per_epoch + step_in_epoch + 1
+            if probe is not None and step % cfg.mutual_information.every_steps == 0:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps({"epoch": epoch + 1, "step": step, "mutual_information": probe(model)}) + "\n")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         epoch_time = time.perf_counter() - started
@@ -220,12 +256,16 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             return None
     bar.close()
 
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         x, y = data.split(split)
         logits, features = predict(model, data, x, cfg.eval_batch_size, features=True, bf16=cfg.bf16,
                                    channels_last=cfg.channels_last)
-        arrays = {"logits": logits.numpy(), "labels": y.numpy(), "features": features.numpy()}
-        teacher_logits = val_teacher if split == "val" else test_teacher
+        # train: unaugmented, with the (possibly noisy) training labels; features in fp16 to keep it small
+        arrays = {"logits": logits.numpy(), "labels": y.numpy(),
+                  "features": features.half().numpy() if split == "train" else features.numpy()}
+        teacher_logits = {"val": val_teacher, "test": test_teacher}.get(split)
+        if split == "train" and teachers is not None:
+            teacher_logits = teachers.predict(data, x, cfg.eval_batch_size)
         if teacher_logits is not None:
             arrays["teacher_logits"] = teacher_logits.numpy()
         atomic_save_npz(run_dir / f"eval_{split}.npz", **arrays)

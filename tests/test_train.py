@@ -65,12 +65,14 @@ def _strip(metrics):
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, teacher, student):
     extra = {"loss": {"alpha": 0.7, "tau": 4.0}, "teacher": {"runs": [teacher["run_dir"]]}} if student else {}
     extra["data"] = {"name": "digits", "val_size": 200, "augment": "shift2"}  # views come from the generator
+    if not student:  # the mutual-information probe must not change training, and resumes too
+        extra["mutual_information"] = {"every_steps": 7, "classes": [0, 1], "per_class": 20, "views": 3}
     full = train(_digits(tmp_path / "a", **extra), progress=False, log=lambda *a: None)
     cfg = _digits(tmp_path / "b", **extra)
     assert train(cfg, progress=False, stop_after_epoch=2, log=lambda *a: None) is None
     assert (cfg.run_dir() / "checkpoint.pt").exists() and not (cfg.run_dir() / "result.json").exists()
     resumed = train(cfg, progress=False, log=lambda *a: None)
-    assert _strip(read_metrics(full["run_dir"])) == _strip(read_metrics(resumed["run_dir"]))
+    assert _strip(read_metrics(full["run_dir"], "all")) == _strip(read_metrics(resumed["run_dir"], "all"))
     a = torch.load(f"{full['run_dir']}/model.pt", weights_only=True)
     b = torch.load(f"{resumed['run_dir']}/model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

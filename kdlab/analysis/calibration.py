@@ -1,0 +1,170 @@
+"""Calibration of a classifier from its logits (Müller et al. 2019 §3; Guo et al. 2017).
+
+All functions take ``logits`` (N, K) and integer ``labels`` (N,) as numpy arrays or
+tensors and return Python floats. Confidence is the top-label softmax probability.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _as_tensors(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return logits, labels
+
+
+def _confidence_and_correct(logits, labels):
+    logits, labels = _as_tensors(logits, labels)
+    probs = F.softmax(logits, dim=1)
+    confidence, prediction = probs.max(dim=1)
+    return confidence, (prediction == labels).double()
+
+
+def _bin_index(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Bin m (0-based) holds confidences in (m/M, (m+1)/M]; a confidence of 0 joins the
+    first bin and exactly 1.0 the last."""
+    return (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+
+
+def calibration_bins(logits, labels, n_bins: int = 15) -> dict:
+    """Per equal-width bin: count, mean confidence, accuracy (for reliability diagrams)."""
+    confidence, correct = _confidence_and_correct(logits, labels)
+    index = _bin_index(confidence, n_bins)
+    count = torch.bincount(index, minlength=n_bins).double()
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, correct)
+    safe = count.clamp_min(1)
+    return {"edges": np.linspace(0, 1, n_bins + 1), "count": count.numpy(),
+            "confidence": (conf_sum / safe).numpy(), "accuracy": (acc_sum / safe).numpy()}
+
+
+def expected_calibration_error(logits, labels, n_bins: int = 15) -> float:
+    """ECE = Σ_m |B_m|/n · |acc(B_m) − conf(B_m)| over M equal-width bins ((m−1)/M, m/M]
+    of top-label confidence (Müller et al. §3, Guo et al. Eq. 3). M = 15 as both use."""
+    bins = calibration_bins(logits, labels, n_bins)
+    n = bins["count"].sum()
+    return float((bins["count"] / n * np.abs(bins["accuracy"] - bins["confidence"])).sum())
+
+
+def maximum_calibration_error(logits, labels, n_bins: int = 15) -> float:
+    """MCE = max over non-empty bins of |acc(B_m) − conf(B_m)| (Guo et al. Eq. 5)."""
+    bins = calibration_bins(logits, labels, n_bins)
+    gaps = np.abs(bins["accuracy"] - bins["confidence"])[bins["count"] > 0]
+    return float(gaps.max()) if gaps.size else 0.0
+
+
+def adaptive_calibration_error(logits, labels, n_bins: int = 15) -> float:
+    """Equal-mass ECE: the same sum over M bins that each hold ~N/M examples sorted by
+    confidence (Nguyen & O'Connor 2015; Nixon et al. 2019)."""
+    confidence, correct = _confidence_and_correct(logits, labels)
+    order = torch.argsort(confidence)
+    total = 0.0
+    for chunk in torch.tensor_split(order, n_bins):
+        if len(chunk):
+            total += len(chunk) * abs(correct[chunk].mean().item() - confidence[chunk].mean().item())
+    return total / len(confidence)
+
+
+def classwise_calibration_error(logits, labels, n_bins: int = 15) -> float:
+    """Classwise ECE (Kull et al. 2019): for each class k, the equal-width-bin ECE of
+    p_k against 1[y = k] over all examples; averaged over classes."""
+    logits, labels = _as_tensors(logits, labels)
+    probs = F.softmax(logits, dim=1)
+    n, k = probs.shape
+    total = 0.0
+    for c in range(k):
+        p, hit = probs[:, c], (labels == c).double()
+        index = _bin_index(p, n_bins)
+        count = torch.bincount(index, minlength=n_bins).double()
+        p_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, p)
+        hit_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, hit)
+        total += (hit_sum - p_sum).abs().sum().item() / n
+    return total / k
+
+
+def negative_log_likelihood(logits, labels) -> float:
+    logits, labels = _as_tensors(logits, labels)
+    return F.cross_entropy(logits, labels).item()
+
+
+def brier_score(logits, labels) -> float:
+    """Σ_k (p_k − 1[y = k])², mean over examples (multi-class Brier, range [0, 2])."""
+    logits, labels = _as_tensors(logits, labels)
+    probs = F.softmax(logits, dim=1)
+    return (probs - F.one_hot(labels, probs.shape[1]).double()).pow(2).sum(1).mean().item()
+
+
+def accuracy(logits, labels) -> float:
+    logits, labels = _as_tensors(logits, labels)
+    return (logits.argmax(1) == labels).double().mean().item()
+
+
+CALIBRATION_METRICS: dict[str, Callable] = {
+    "accuracy": accuracy,
+    "ece": expected_calibration_error,
+    "mce": maximum_calibration_error,
+    "adaptive_ece": adaptive_calibration_error,
+    "classwise_ece": classwise_calibration_error,
+    "nll": negative_log_likelihood,
+    "brier": brier_score,
+}
+
+
+def bootstrap_interval(metric: Callable, logits, labels, n_resamples: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric`` over examples resampled with replacement."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    values = [metric(logits[idx], labels[idx]) for idx in rng.integers(0, len(labels), (n_resamples, len(labels)))]
+    low, high = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(low), float(high)
+
+
+def calibration_report(logits, labels, n_bins: int = 15, n_resamples: int = 200, seed: int = 0) -> dict:
+    """Every metric above with its bootstrap 95% interval: {name: {value, low, high}}."""
+    out = {}
+    for name, fn in CALIBRATION_METRICS.items():
+        metric = (lambda lg, lb, fn=fn: fn(lg, lb, n_bins)) if "ece" in name or name == "mce" else fn
+        low, high = bootstrap_interval(metric, logits, labels, n_resamples, seed=seed)
+        out[name] = {"value": metric(logits, labels), "low": low, "high": high}
+    return out
+
+
+def fit_temperature(logits, labels, low: float = 1e-2, high: float = 1e2, iterations: int = 100) -> float:
+    """The T > 0 minimising NLL(softmax(z / T), y) on held-out logits (Guo et al. 2017).
+
+    NLL is convex in β = 1/T (log-sum-exp of a linear function minus a linear term), so
+    a golden-section search over log β in [log(1/high), log(1/low)] finds the global
+    minimum whether the model is over- or under-confident. Returns T; the bounds are
+    returned when the optimum lies beyond them (e.g. perfectly separable logits).
+    """
+    logits, labels = _as_tensors(logits, labels)
+    true_logit = logits.gather(1, labels[:, None]).squeeze(1)
+
+    def nll(log_beta: float) -> float:
+        beta = math.exp(log_beta)
+        return (torch.logsumexp(logits * beta, dim=1) - beta * true_logit).mean().item()
+
+    a, b = math.log(1 / high), math.log(1 / low)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(iterations):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    return 1.0 / math.exp((a + b) / 2)
