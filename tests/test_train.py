@@ -158,3 +158,13 @@ def test_eval_every_skips_evaluation_but_not_the_last_epoch(tmp_path):
     metrics = read_metrics(result["run_dir"])
     assert ["test_acc" in m for m in metrics] == [False, True, True]
     assert "test_acc" in result["final"]
+
+
+def test_mutual_information_probe_leaves_training_unchanged(tmp_path):
+    data = {"name": "digits", "val_size": 200, "augment": "shift2"}
+    plain = train(_digits(tmp_path / "a", data=data, optim={"epochs": 2}), progress=False, log=lambda *a: None)
+    probed = train(_digits(tmp_path / "b", data=data, optim={"epochs": 2},
+                           mutual_information={"every_steps": 5, "classes": [2, 3], "per_class": 10, "views": 2}),
+                   progress=False, log=lambda *a: None)
+    assert _strip(read_metrics(plain["run_dir"])) == _strip(read_metrics(probed["run_dir"]))
+    assert len(read_metrics(probed["run_dir"], "mutual_information")) == 2 * 21 // 5

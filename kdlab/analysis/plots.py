@@ -50,9 +50,9 @@ def reliability_diagram(models: dict[str, tuple], path, n_bins: int = 15) -> Pat
         top.plot(bins["confidence"][used], bins["accuracy"][used], marker="o", markersize=4,
                  label=f"{name} (ECE {ece:.3f})")
         centres = (bins["edges"][:-1] + bins["edges"][1:]) / 2
-        bottom.plot(centres, bins["count"] / bins["count"].sum(), marker=".", label=name)
+        bottom.plot(centres[used], (bins["count"] / bins["count"].sum())[used], marker=".", label=name)
     top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"Reliability ({n_bins} equal-width bins)")
-    top.legend(fontsize=8, loc="upper left")
+    top.legend(fontsize=8, loc="lower right")
     bottom.set(xlabel="confidence (top-label probability)", ylabel="fraction", yscale="log")
     return _save(fig, path)
 
