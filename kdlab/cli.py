@@ -1,4 +1,4 @@
-"""The ``kdlab`` command: ``train``, ``models``, ``analyze``, ``demo``.
+"""The ``kdlab`` command: ``train``, ``models``, ``analyze``, ``sweep``, ``report``, ``reproduce``, ``demo``.
 
 Bad input (config, data, teacher) prints one line ``kdlab: error: ...`` and exits 2.
 """
@@ -66,6 +66,69 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _sweep_args(p, with_recipe=True):
+    if with_recipe:
+        p.add_argument("recipe", nargs="?", help="recipe id (`kdlab reproduce --list`) or a YAML path")
+    p.add_argument("--scale", default="quick", choices=["quick", "paper"])
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--workers", type=int, default=1, help="parallel runs (local: processes sharing the cores)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--out", help="output directory (default runs/RECIPE-SCALE)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_sweep(args) -> int:
+    from .recipes import load_recipe
+    from .sweep import run_sweep
+
+    if not args.recipe:
+        raise_usage("sweep needs a RECIPE")
+    manifest = run_sweep(load_recipe(args.recipe), args.scale, args.out, executor=args.executor,
+                         workers=args.workers, address=args.address, progress=not args.no_progress)
+    return 1 if any(r["status"] == "failed" for r in manifest["runs"]) else 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    write_report(args.dir)
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from .recipes import expand, list_recipes, load_recipe
+
+    if args.list:
+        for path in list_recipes():
+            recipe = load_recipe(path)
+            print(f"{recipe.id:28s} {recipe.title}  [{', '.join(recipe.scales)}]")
+        return 0
+    if not args.recipe:
+        raise_usage("reproduce needs a RECIPE (or --list)")
+    from pathlib import Path
+
+    from .analysis.analyze import analyze_run
+    from .report import write_report
+    from .sweep import run_sweep
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out or Path("runs") / f"{recipe.id}-{args.scale}")
+    manifest = run_sweep(recipe, args.scale, out, executor=args.executor, workers=args.workers,
+                         address=args.address, progress=not args.no_progress)
+    for run in expand(recipe, args.scale, out):
+        if run.analyze and (run.run_dir / "result.json").is_file() and not (run.run_dir / "analysis" / "analysis.json").is_file():
+            teacher = str(run.teacher_of[0].run_dir) if len(run.teacher_of) == 1 else None
+            analyze_run(run.run_dir, teacher, n_bootstrap=100, log=lambda *a: None)
+    write_report(out)
+    return 1 if any(r["status"] == "failed" for r in manifest["runs"]) else 0
+
+
+def raise_usage(message: str):
+    from .errors import ConfigError
+
+    raise ConfigError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description="knowledge distillation and label smoothing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
     p.set_defaults(func=_cmd_analyze)
+    p = sub.add_parser("sweep", help="run every run of a recipe (resumable; skips finished runs)")
+    _sweep_args(p)
+    p.set_defaults(func=_cmd_sweep)
+    p = sub.add_parser("report", help="HTML + Markdown report of a sweep directory")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("reproduce", help="sweep + analyze + report for a paper recipe")
+    _sweep_args(p)
+    p.add_argument("--list", action="store_true", help="list the recipes")
+    p.set_defaults(func=_cmd_reproduce)
     p = sub.add_parser("demo", help="teacher + 7 students on MNIST-1D, with a table (a few minutes)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--teacher-epochs", type=int, default=40)

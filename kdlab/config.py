@@ -120,8 +120,11 @@ class Config(_Strict):
         return self
 
     def run_hash(self) -> str:
-        """8 hex digits of the SHA-256 of the resolved config, out_dir excluded."""
+        """8 hex digits of the SHA-256 of the resolved config; out_dir and the teachers'
+        parent directories excluded, so a tree of runs can be moved."""
         payload = self.model_dump(mode="json", exclude={"out_dir"})
+        if self.teacher is not None:  # a teacher is identified by its run dir's name (which holds its hash),
+            payload["teacher"]["runs"] = [Path(r).name for r in self.teacher.runs]  # not where it lies
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -52,3 +52,10 @@ def test_missing_or_bad_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_hash_names_teachers_by_run_dir_name_not_location():
+    a = build_config({}, ["loss.alpha=1", "teacher.runs=[/a/runs/teacher-1234abcd]"])
+    b = build_config({}, ["loss.alpha=1", "teacher.runs=[/elsewhere/teacher-1234abcd]"])
+    c = build_config({}, ["loss.alpha=1", "teacher.runs=[/a/runs/teacher-99999999]"])
+    assert a.run_hash() == b.run_hash() != c.run_hash()

@@ -130,6 +130,7 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
     mi = read_metrics(run_dir, "mutual_information")
     if mi:
         report["mutual_information"] = {"step": [r["step"] for r in mi], "value": [r["mutual_information"] for r in mi],
+                                        "first": mi[0]["mutual_information"], "last": mi[-1]["mutual_information"],
                                         "bound_log_n": float(np.log(cfg.mutual_information.per_class * 2))}
 
     out_dir.mkdir(parents=True, exist_ok=True)

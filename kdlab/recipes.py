@@ -1,0 +1,178 @@
+"""Recipes: a paper's table or figure as a grid of runs, at two scales.
+
+A recipe YAML (``recipes/*.yaml``) names stages in dependency order. Each stage is a
+base config plus *axes*: lists of labelled config changes whose cartesian product,
+times the seeds, gives the stage's runs. A stage may take its teachers from earlier
+stages: a teacher run matches a student run when their common axes carry the same
+labels and (unless the teacher stage has a single seed) the same seed; ``ensemble:
+true`` takes every matching teacher run (e.g. all seeds). Because a run dir is a pure
+function of its config, the whole grid, teachers' run dirs included, is known before
+anything trains: :func:`expand` returns it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import Config, apply_overrides, build_config
+from .errors import ConfigError
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AxisValue(_Strict):
+    label: str
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value")
+
+
+class Stage(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    config: dict[str, Any] = Field(default_factory=dict)
+    axes: dict[str, list[AxisValue]] = Field(default_factory=dict)
+    seeds: Optional[list[int]] = None
+    teachers: list[str] = Field(default_factory=list, description="earlier stages whose runs teach this one")
+    ensemble: bool = False
+    analyze: bool = Field(False, description="run `kdlab analyze` on this stage's runs for the report")
+
+
+class Scale(_Strict):
+    note: str = ""
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    base: dict[str, Any] = Field(default_factory=dict)
+    stages: list[Stage]
+    cpus_per_run: int = Field(1, ge=1)
+    gpus_per_run: float = Field(0.0, ge=0)
+
+
+class ReportItem(_Strict):
+    kind: Literal["table", "heatmap", "curve", "figures"]
+    title: str
+    stage: str
+    metric: str = "test_acc"
+    rows: Optional[str] = None
+    cols: Optional[str] = None
+    x: Optional[str] = None
+    lines: Optional[str] = None
+    where: dict[str, str] = Field(default_factory=dict, description="axis -> label filter")
+    scale: float = 100.0
+    paper: dict[str, dict[str, float]] = Field(default_factory=dict, description="row -> col -> paper number")
+    figures: list[str] = Field(default_factory=list, description="analysis figure names, for kind=figures")
+    comment: str = ""
+
+
+class Recipe(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9-]+$")
+    title: str
+    source: str
+    scales: dict[Literal["quick", "paper"], Scale]
+    report: list[ReportItem] = Field(default_factory=list)
+
+
+@dataclass
+class RunSpec:
+    stage: str
+    labels: dict[str, str]
+    seed: int
+    config: Config
+    teacher_of: list["RunSpec"] = field(default_factory=list)
+    analyze: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir()
+
+    def describe(self) -> str:
+        labels = ", ".join(f"{k}={v}" for k, v in self.labels.items())
+        return f"{self.stage}[{labels}{', ' if labels else ''}seed={self.seed}]"
+
+
+def list_recipes(directory: Path = RECIPE_DIR) -> list[Path]:
+    return sorted(Path(directory).glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in list_recipes())
+        raise ConfigError(f"unknown recipe {name_or_path!r}; known: {known}")
+    try:
+        recipe = Recipe.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    return recipe
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs") -> list[RunSpec]:
+    """Every run of the recipe at ``scale``, stages in order, teachers resolved."""
+    if scale not in recipe.scales:
+        raise ConfigError(f"recipe {recipe.id} has no {scale!r} scale (has: {', '.join(recipe.scales)})")
+    spec = recipe.scales[scale]
+    by_stage: dict[str, list[RunSpec]] = {}
+    runs: list[RunSpec] = []
+    for stage in spec.stages:
+        for ref in stage.teachers:
+            if ref not in by_stage:
+                raise ConfigError(f"recipe {recipe.id}: stage {stage.name!r} takes teachers from unknown or later stage {ref!r}")
+        axis_names = list(stage.axes)
+        combos = itertools.product(*(stage.axes[a] for a in axis_names)) if axis_names else [()]
+        stage_runs = []
+        for combo in combos:
+            labels = {a: v.label for a, v in zip(axis_names, combo)}
+            for seed in stage.seeds if stage.seeds is not None else spec.seeds:
+                data = _merge(_merge(spec.base, stage.config), {"seed": seed, "out_dir": str(out_dir),
+                                                                "name": f"{recipe.id}-{stage.name}"})
+                overrides = [f"{k}={_yaml_scalar(val)}" for v in combo for k, val in v.set.items()]
+                data = apply_overrides(data, overrides)
+                teachers = []
+                for ref in stage.teachers:
+                    seeds_of_ref = len({r.seed for r in by_stage[ref]})
+                    matches = [t for t in by_stage[ref] if _matches(t, labels, seed, seeds_of_ref, stage.ensemble)]
+                    if not matches:
+                        raise ConfigError(f"recipe {recipe.id}: no run of stage {ref!r} matches {labels} seed {seed}")
+                    if len(matches) > 1 and not stage.ensemble:
+                        raise ConfigError(f"recipe {recipe.id}: {len(matches)} runs of stage {ref!r} match {labels} "
+                                          f"seed {seed}; give the stages a common axis or set ensemble: true")
+                    teachers += matches
+                if teachers:
+                    data["teacher"] = {"runs": [str(t.run_dir) for t in teachers]}
+                try:
+                    config = build_config(data)
+                except ConfigError as err:
+                    raise ConfigError(f"recipe {recipe.id}, stage {stage.name}, {labels}: {err}") from None
+                stage_runs.append(RunSpec(stage.name, labels, seed, config, teachers, stage.analyze))
+        by_stage[stage.name] = stage_runs
+        runs += stage_runs
+    return runs
+
+
+def _yaml_scalar(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _matches(teacher: RunSpec, labels: dict, seed: int, teacher_seed_count: int, ensemble: bool) -> bool:
+    common = set(teacher.labels) & set(labels)
+    if any(teacher.labels[a] != labels[a] for a in common):
+        return False
+    return ensemble or teacher_seed_count == 1 or teacher.seed == seed

@@ -1,0 +1,228 @@
+"""``kdlab report DIR``: tables with the paper's numbers beside ours, figures, hardware.
+
+Reads ``DIR/sweep.json`` (written by ``kdlab sweep``), the recipe it names, and the run
+dirs; writes ``DIR/report.md`` and a self-contained ``DIR/report.html`` (figures inlined
+as base64 PNG). Ours are mean ± std over seeds (std omitted for one seed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RunError
+from .recipes import Recipe, ReportItem, RunSpec, expand, load_recipe
+from .runs import atomic_write_text, read_json
+
+
+def _axis_order(runs: list[RunSpec], axis: str) -> list[str]:
+    return list(dict.fromkeys(r.labels[axis] for r in runs if axis in r.labels))
+
+
+def _value(run: RunSpec, metric: str):
+    """A number of a finished run: a key of result.json's ``final`` (e.g. ``test_acc``), or
+    ``analysis.<dotted.path>`` into its analysis.json (e.g.
+    ``analysis.temperature_scaling.ece_after``)."""
+    if metric.startswith("analysis."):
+        path = run.run_dir / "analysis" / "analysis.json"
+        if not path.is_file():
+            return None
+        node = read_json(path)
+        for part in metric.split(".")[1:]:
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return float(node) if isinstance(node, (int, float)) else None
+    path = run.run_dir / "result.json"
+    if not path.is_file():
+        return None
+    return read_json(path)["final"].get(metric)
+
+
+def _cells(item: ReportItem, runs: list[RunSpec], row_axis: str | None, col_axis: str | None):
+    selected = [r for r in runs if r.stage == item.stage and all(r.labels.get(a) == v for a, v in item.where.items())]
+    rows = _axis_order(selected, row_axis) if row_axis else [""]
+    cols = _axis_order(selected, col_axis) if col_axis else [""]
+    cells = {}
+    for row in rows:
+        for col in cols:
+            values = [_value(r, item.metric) for r in selected
+                      if (not row_axis or r.labels.get(row_axis) == row) and (not col_axis or r.labels.get(col_axis) == col)]
+            found = [v * item.scale for v in values if v is not None]
+            cells[row, col] = (np.mean(found), np.std(found), len(found), len(values)) if found else (None, None, 0, len(values))
+    return rows, cols, cells
+
+
+def _fmt(cell) -> str:
+    mean, std, n, total = cell
+    if mean is None:
+        return "–" if total == 0 else "pending"
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 else "")
+    return text + (f" ({n}/{total} seeds)" if n < total else "")
+
+
+def _table_md(item: ReportItem, rows, cols, cells) -> str:
+    header = [item.rows or "", *[c or item.metric for c in cols]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        entries = []
+        for col in cols:
+            ours = _fmt(cells[row, col])
+            paper = item.paper.get(row, {}).get(col)
+            entries.append(ours + (f" (paper {paper:g})" if paper is not None else ""))
+        lines.append("| " + " | ".join([row] + entries) + " |")
+    return "\n".join(lines)
+
+
+def _plot(item: ReportItem, rows, cols, cells, path: Path) -> Path | None:
+    from .analysis.plots import _plt, _save
+
+    plt = _plt()
+    if item.kind == "heatmap":
+        grid = np.array([[cells[r, c][0] if cells[r, c][0] is not None else np.nan for c in cols] for r in rows])
+        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 0.8 + 0.5 * len(rows)))
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="white", fontsize=8)
+        ax.set_xticks(range(len(cols)), [f"{item.cols}={c}" if item.cols else c for c in cols], rotation=45, ha="right")
+        ax.set_yticks(range(len(rows)), [f"{item.rows}={r}" if item.rows else r for r in rows])
+        fig.colorbar(image, ax=ax, label=item.metric)
+        ax.set_title(item.title, fontsize=9)
+        return _save(fig, path)
+    if item.kind == "curve":
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for col in cols:
+            xs = [r for r in rows if cells[r, col][0] is not None]
+            if xs:
+                means = np.array([cells[r, col][0] for r in xs])
+                stds = np.array([cells[r, col][1] for r in xs])
+                ax.errorbar(range(len(xs)), means, yerr=stds, marker="o", capsize=3, label=col or item.metric)
+                ax.set_xticks(range(len(xs)), xs)
+            for row in rows:
+                paper = item.paper.get(row, {}).get(col)
+                if paper is not None:
+                    ax.scatter(rows.index(row), paper, marker="x", color="black")
+        ax.set(xlabel=item.x, ylabel=f"{item.metric} ×{item.scale:g}", title=item.title)
+        ax.legend(fontsize=8)
+        return _save(fig, path)
+    return None
+
+
+def _hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_report(directory: str | Path, log=print) -> dict:
+    directory = Path(directory)
+    manifest_path = directory / "sweep.json"
+    if not manifest_path.is_file():
+        raise RunError(f"{directory} holds no sweep.json: run `kdlab sweep RECIPE --out {directory}` first")
+    manifest = read_json(manifest_path)
+    # the recipe as the sweep ran it (a snapshot), so a later edit of the file cannot mislabel runs
+    recipe = Recipe.model_validate(manifest["recipe_spec"]) if "recipe_spec" in manifest else load_recipe(manifest["recipe"])
+    scale = manifest["scale"]
+    runs = expand(recipe, scale, directory)
+    figure_dir = directory / "figures"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    sections = []  # (title, markdown table or None, [png paths], comment)
+    for index, item in enumerate(recipe.report):
+        if item.kind == "figures":
+            pngs = []
+            for run in runs:
+                if run.stage == item.stage and all(run.labels.get(a) == v for a, v in item.where.items()) \
+                        and run.seed == min(r.seed for r in runs if r.stage == item.stage):
+                    for name in item.figures:
+                        png = run.run_dir / "analysis" / f"{name}.png"
+                        if png.is_file():
+                            pngs.append((png, run.describe()))
+            sections.append((item.title, None, pngs, item.comment))
+            continue
+        row_axis = item.rows if item.kind != "curve" else item.x
+        col_axis = item.cols if item.kind != "curve" else item.lines
+        rows, cols, cells = _cells(item, runs, row_axis, col_axis)
+        table = _table_md(item.model_copy(update={"rows": row_axis}), rows, cols, cells)
+        png = _plot(item, rows, cols, cells, figure_dir / f"{index:02d}-{item.kind}")
+        sections.append((item.title, table, [(png, item.title)] if png else [], item.comment))
+
+    results = [read_json(r.run_dir / "result.json") for r in runs if (r.run_dir / "result.json").is_file()]
+    hardware = _hardware()
+    info = {"recipe": recipe.id, "title": recipe.title, "source": recipe.source, "scale": scale,
+            "note": recipe.scales[scale].note, "runs_total": len(runs), "runs_finished": len(results),
+            "train_time_s": sum(r["train_time_s"] for r in results),
+            "sweep_wall_time_s": manifest.get("wall_time_total_s", manifest.get("wall_time_s")),
+            "hardware": hardware, "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    md = _markdown(info, sections, directory)
+    atomic_write_text(directory / "report.md", md)
+    atomic_write_text(directory / "report.html", _html(info, sections))
+    log(f"report: {directory / 'report.html'} and {directory / 'report.md'}")
+    return info
+
+
+def _info_lines(info: dict) -> list[str]:
+    hw = info["hardware"]
+    return [f"Scale: {info['scale']} — {info['note']}",
+            f"Runs: {info['runs_finished']}/{info['runs_total']} finished; training time {info['train_time_s'] / 60:.1f} min; "
+            f"sweep wall time {(info['sweep_wall_time_s'] or 0) / 60:.1f} min",
+            f"Hardware: {hw['cpu']}, {hw['cores']} cores" + (f", {hw['cuda']}" if hw["cuda"] else "") +
+            f"; torch {hw['torch']}, Python {hw['python']}; generated {info['generated_at']}"]
+
+
+def _markdown(info, sections, directory: Path) -> str:
+    out = [f"# {info['title']}", "", f"Reproduces: {info['source']}", ""]
+    out += [f"- {line}" for line in _info_lines(info)] + [""]
+    for title, table, pngs, comment in sections:
+        out += [f"## {title}", ""]
+        if comment:
+            out += [comment.strip(), ""]
+        if table:
+            out += [table, ""]
+        for png, caption in pngs:
+            out += [f"![{caption}]({os.path.relpath(png, directory)})", ""]
+    return "\n".join(out)
+
+
+def _html(info, sections) -> str:
+    esc = html.escape
+    parts = [f"<h1>{esc(info['title'])}</h1>", f"<p>Reproduces: {esc(info['source'])}</p>", "<ul>"]
+    parts += [f"<li>{esc(line)}</li>" for line in _info_lines(info)] + ["</ul>"]
+    for title, table, pngs, comment in sections:
+        parts.append(f"<h2>{esc(title)}</h2>")
+        if comment:
+            parts.append(f"<p>{esc(comment.strip())}</p>")
+        if table:
+            lines = table.splitlines()
+            head = [c.strip() for c in lines[0].strip("|").split("|")]
+            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr></thead><tbody>")
+            for line in lines[2:]:
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+            parts.append("</tbody></table>")
+        for png, caption in pngs:
+            data = base64.b64encode(Path(png).read_bytes()).decode()
+            parts.append(f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{esc(caption)}</figcaption></figure>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+             "img{max-width:100%}figure{display:inline-block;margin:0.5em}figcaption{font-size:12px;color:#555}")
+    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(info['title'])}</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>\n")

@@ -1,0 +1,154 @@
+"""Run a recipe's grid: in stage order, each run an ordinary (resumable) run dir.
+
+Executors: ``local`` (N worker processes, the machine's cores split between them; one
+in-process worker when N = 1) and ``ray`` (the same runs as Ray tasks with per-run CPU
+and GPU resources, on a local Ray instance or a cluster at ``address``). A run whose
+``result.json`` exists is skipped; an interrupted one resumes from its checkpoint. A
+failed run does not stop the others; the runs that needed it as a teacher are skipped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, KdlabError
+from .recipes import Recipe, RunSpec, expand
+from .runs import atomic_write_json, read_json
+
+
+def _train_config(config_json: dict, threads: int) -> dict:
+    """Worker entry point (a separate process or a Ray task): train one config."""
+    import torch
+
+    from .config import Config
+    from .train import train
+
+    torch.set_num_threads(max(1, threads))
+    return train(Config.model_validate(config_json), progress=False, log=lambda *a: None)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None = None, *,
+              executor: str = "local", workers: int = 1, address: str | None = None,
+              progress: bool = True, log=print) -> dict:
+    """Train every run of ``recipe`` at ``scale`` under ``out_dir``; write ``sweep.json``."""
+    out_dir = Path(out_dir or Path("runs") / f"{recipe.id}-{scale}")
+    runs = expand(recipe, scale, out_dir)
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"unknown executor {executor!r}: use local or ray")
+    started = time.perf_counter()
+    status: dict[str, str] = {}
+    done = sum((r.run_dir / "result.json").is_file() for r in runs)
+    log(f"{recipe.id} ({scale}): {len(runs)} runs in {out_dir}, {done} finished already; "
+        f"executor {executor}, {workers} worker(s)")
+    bar = tqdm(total=len(runs), initial=done, disable=not progress, unit="run", desc=recipe.id, dynamic_ncols=True)
+    submit, shutdown = _executor(executor, workers, address, recipe.scales[scale])
+    try:
+        for stage in dict.fromkeys(r.stage for r in runs):
+            pending = {}
+            for run in (r for r in runs if r.stage == stage):
+                key = str(run.run_dir)
+                if (run.run_dir / "result.json").is_file():
+                    status[key] = "done"
+                    continue
+                failed = [t for t in run.teacher_of if status.get(str(t.run_dir), "done") != "done"]
+                if failed:
+                    status[key] = "skipped"
+                    log(f"skip {run.describe()}: teacher {failed[0].describe()} did not finish")
+                    bar.update(1)
+                    continue
+                pending[submit(run)] = run
+            for future in _as_completed(executor, pending):
+                run = pending[future]
+                try:
+                    result = _result(executor, future)
+                    status[str(run.run_dir)] = "done"
+                    bar.set_postfix_str(f"{run.describe()} test_acc={result['final'].get('test_acc', float('nan')):.4f}")
+                except KdlabError as err:
+                    status[str(run.run_dir)] = "failed"
+                    log(f"FAILED {run.describe()}: {err}")
+                except Exception as err:  # a crash in one run must not lose the others
+                    status[str(run.run_dir)] = "failed"
+                    log(f"FAILED {run.describe()}: {type(err).__name__}: {err}")
+                bar.update(1)
+    finally:
+        shutdown()
+        bar.close()
+    wall = time.perf_counter() - started
+    manifest = {
+        "recipe": recipe.id, "scale": scale, "recipe_spec": recipe.model_dump(mode="json"), "executor": executor, "workers": workers,
+        "wall_time_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": [{"stage": r.stage, "labels": r.labels, "seed": r.seed, "run_dir": str(r.run_dir),
+                  "status": status.get(str(r.run_dir), "done" if (r.run_dir / "result.json").is_file() else "pending")}
+                 for r in runs],
+    }
+    previous = read_json(out_dir / "sweep.json") if (out_dir / "sweep.json").is_file() else {}
+    manifest["wall_time_total_s"] = previous.get("wall_time_total_s", 0.0) + wall
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "sweep.json", manifest)
+    failed = sum(s == "failed" for s in status.values())
+    log(f"{recipe.id} ({scale}): {sum(s == 'done' for s in status.values())}/{len(runs)} done, {failed} failed, "
+        f"{wall:.0f} s")
+    return manifest
+
+
+def _executor(kind: str, workers: int, address: str | None, scale_spec):
+    """(submit(run) -> future, shutdown()) for the chosen executor."""
+    cores = os.cpu_count() or 1
+    if kind == "local":
+        threads = max(1, cores // workers)
+        if workers == 1:  # in this process: no pickling, tracebacks stay readable
+            pool = cf.ThreadPoolExecutor(1)
+        else:
+            pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_init_worker, initargs=(threads,))
+        return (lambda run: pool.submit(_train_config, run.config.model_dump(mode="json"), threads)), \
+            (lambda: pool.shutdown(cancel_futures=True))
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray executor needs Ray: pip install 'kdlab[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        kwargs = {"address": address} if address else {"num_cpus": max(workers * scale_spec.cpus_per_run, 1)}
+        ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+    task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config)
+    return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run)), \
+        (lambda: ray.shutdown() if started_here else None)
+
+
+def _as_completed(kind: str, pending: dict):
+    if kind == "local":
+        yield from cf.as_completed(pending)
+        return
+    import ray
+
+    remaining = list(pending)
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=1)
+        yield ready[0]
+
+
+def _result(kind: str, future) -> dict:
+    if kind == "local":
+        return future.result()
+    import ray
+
+    try:
+        return ray.get(future)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.as_instanceof_cause()
+        raise cause if isinstance(cause, KdlabError) else RuntimeError(str(err).splitlines()[0]) from None

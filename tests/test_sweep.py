@@ -1,0 +1,135 @@
+"""Sweeps end to end on a tiny recipe: local processes, Ray, resume/skip, report, browser."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdlab.cli import main
+from kdlab.recipes import expand, load_recipe
+from kdlab.report import write_report
+from kdlab.sweep import run_sweep
+
+TINY = {
+    "id": "tiny", "title": "Tiny test recipe", "source": "tests",
+    "scales": {
+        "quick": {"note": "digits, 2 epochs", "seeds": [0, 1],
+                  "base": {"data": {"name": "digits", "val_size": 200},
+                           "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05}},
+                  "stages": [
+                      {"name": "teacher", "seeds": [0], "config": {"model": {"name": "mlp-64"}}},
+                      {"name": "student", "teachers": ["teacher"], "analyze": True,
+                       "config": {"model": {"name": "mlp-16"}, "loss": {"alpha": 1.0}},
+                       "axes": {"objective": [{"label": "KL τ=4", "set": {"loss.tau": 4.0}},
+                                              {"label": "MSE", "set": {"loss.kd": "mse", "loss.mse_reduction": "mean"}}]}},
+                  ]},
+        "paper": {"stages": [{"name": "teacher"}]},
+    },
+    "report": [
+        {"kind": "table", "title": "Accuracy", "stage": "student", "cols": "objective",
+         "paper": {"": {"KL τ=4": 90.0, "MSE": 91.0}}},
+        {"kind": "curve", "title": "Accuracy by objective", "stage": "student", "x": "objective"},
+        {"kind": "figures", "title": "Reliability", "stage": "student", "figures": ["reliability"]},
+    ],
+}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("# tiny\n" + yaml.safe_dump(TINY, allow_unicode=True))
+    return path
+
+
+def _quiet(*args):
+    pass
+
+
+def test_local_sweep_with_two_processes_then_skip_then_report(tiny_recipe, tmp_path):
+    recipe = load_recipe(tiny_recipe)
+    out = tmp_path / "sweep"
+    manifest = run_sweep(recipe, "quick", out, workers=2, progress=False, log=_quiet)
+    assert [r["status"] for r in manifest["runs"]] == ["done"] * 5
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    lines = []
+    again = run_sweep(recipe, "quick", out, workers=2, progress=False, log=lines.append)
+    assert "5 finished already" in lines[0] and all(r["status"] == "done" for r in again["runs"])
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == mtimes  # nothing retrained
+    # a run without result.json (killed, or deleted) is trained again by the next sweep
+    victim = expand(recipe, "quick", out)[-1].run_dir
+    (victim / "result.json").unlink()
+    run_sweep(recipe, "quick", out, progress=False, log=_quiet)
+    assert (victim / "result.json").is_file()
+
+    write_report(out, log=_quiet)
+    md = (out / "report.md").read_text()
+    assert "(paper 90)" in md and "Tiny test recipe" in md and "Hardware:" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 1 and "<table>" in html
+
+
+def test_failed_teacher_skips_its_students(tiny_recipe, tmp_path):
+    recipe = load_recipe(tiny_recipe)
+    out = tmp_path / "sweep"
+    teacher_dir = expand(recipe, "quick", out)[0].run_dir
+    teacher_dir.mkdir(parents=True)
+    (teacher_dir / "checkpoint.pt").write_bytes(b"corrupt")
+    lines = []
+    manifest = run_sweep(recipe, "quick", out, progress=False, log=lines.append)
+    statuses = [r["status"] for r in manifest["runs"]]
+    assert statuses == ["failed"] + ["skipped"] * 4
+    assert any("corrupt" in l for l in lines)
+
+
+def test_reproduce_cli_runs_sweep_analyze_report(tiny_recipe, tmp_path):
+    out = tmp_path / "repro"
+    assert main(["reproduce", str(tiny_recipe), "--out", str(out), "--no-progress"]) == 0
+    analysed = list(out.glob("tiny-student-*/analysis/reliability.png"))
+    assert len(analysed) == 4
+    assert "Reliability" in (out / "report.md").read_text()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert main(["sweep", "no-such-recipe"]) == 2
+
+
+def test_ray_executor_on_a_tiny_grid(tiny_recipe, tmp_path):
+    pytest.importorskip("ray")
+    manifest = run_sweep(load_recipe(tiny_recipe), "quick", tmp_path / "ray", executor="ray", workers=2,
+                         progress=False, log=_quiet)
+    assert [r["status"] for r in manifest["runs"]] == ["done"] * 5
+    results = [json.loads(p.read_text()) for p in (tmp_path / "ray").glob("*/result.json")]
+    assert len(results) == 5 and all(r["final"]["test_acc"] > 0 for r in results)
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver not installed")
+def test_report_renders_in_headless_chromium(tiny_recipe, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    out = tmp_path / "repro"
+    assert main(["reproduce", str(tiny_recipe), "--out", str(out), "--no-progress"]) == 0
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get((out / "report.html").as_uri())
+        assert driver.title == "Tiny test recipe"
+        images = driver.find_elements("tag name", "img")
+        assert len(images) >= 3
+        for image in images:
+            assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image)
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []
+        driver.save_screenshot(str(tmp_path / "report.png"))
+        assert (tmp_path / "report.png").stat().st_size > 10000
+    finally:
+        driver.quit()
