@@ -85,8 +85,18 @@ class LossConfig(_Strict):
         return tau
 
 
+class TeacherCacheConfig(_Strict):
+    mode: Literal["off", "lazy", "full"] = Field(
+        "off", description="teacher logits by (sample, view): off = run the teacher every step; lazy = fill the "
+        "table as views are met; full = build it all before training")
+    dtype: Literal["float32", "float16"] = Field("float32", description="storage of the table (float32 is exact)")
+    max_gb: float = Field(4.0, gt=0, description="largest table allowed in memory; beyond it, the online teacher")
+    dir: Optional[str] = Field(None, description="where tables are kept and shared (default OUT_DIR/.teacher-cache)")
+
+
 class TeacherConfig(_Strict):
     runs: list[str] = Field(min_length=1, description="finished run dirs; several = ensemble (mean logits)")
+    cache: TeacherCacheConfig = TeacherCacheConfig()
 
 
 class MutualInformationConfig(_Strict):
@@ -125,6 +135,10 @@ class Config(_Strict):
         payload = self.model_dump(mode="json", exclude={"out_dir"})
         if self.teacher is not None:  # a teacher is identified by its run dir's name (which holds its hash),
             payload["teacher"]["runs"] = [Path(r).name for r in self.teacher.runs]  # not where it lies
+            # the cache is exact in float32: only float16 storage can change a result
+            cache = payload["teacher"].pop("cache")
+            if cache["dtype"] != "float32":
+                payload["teacher"]["cache_dtype"] = cache["dtype"]
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -89,7 +89,8 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
         bar.close()
     wall = time.perf_counter() - started
     manifest = {
-        "recipe": recipe.id, "scale": scale, "recipe_spec": recipe.model_dump(mode="json"), "executor": executor, "workers": workers,
+        # the recipe snapshot in python mode keeps τ = inf (json writes it as Infinity)
+        "recipe": recipe.id, "scale": scale, "recipe_spec": recipe.model_dump(), "executor": executor, "workers": workers,
         "wall_time_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": [{"stage": r.stage, "labels": r.labels, "seed": r.seed, "run_dir": str(r.run_dir),
                   "status": status.get(str(r.run_dir), "done" if (r.run_dir / "result.json").is_file() else "pending")}

@@ -25,6 +25,7 @@ from .config import Config
 from .data import Dataset, load_dataset
 from .errors import ConfigError, RunError
 from .losses import distillation_loss, ensemble_logits
+from .teacher_cache import TeacherCache
 from .models import build_model, count_parameters
 from .runs import (
     atomic_save_npz,
@@ -190,6 +191,14 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         val_teacher = teachers.predict(data, data.val_x, cfg.eval_batch_size)
         test_teacher = teachers.predict(data, data.test_x, cfg.eval_batch_size)
     use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
+    cache = None
+    if use_teacher_in_step and cfg.teacher.cache.mode != "off":
+        try:
+            cache = TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log)
+        except MemoryError as err:
+            log(f"{err}: running the teacher online instead")
+        if cache is not None and cfg.teacher.cache.mode == "full":
+            cache.build(cfg.eval_batch_size, cfg.bf16, progress)
     loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
@@ -215,7 +224,10 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             y = data.train_y[index]
             with _autocast(cfg.bf16):
                 logits = model(x)
-            teacher_logits = teachers(x, cfg.bf16) if use_teacher_in_step else None
+            if cache is not None:
+                teacher_logits = cache.lookup(index, views, x, cfg.bf16)
+            else:
+                teacher_logits = teachers(x, cfg.bf16) if use_teacher_in_step else None
             loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -253,8 +265,12 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
                         img_s=f"{record['images_per_s']:.0f}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
             bar.close()
+            if cache is not None:
+                cache.save()
             return None
     bar.close()
+    if cache is not None:
+        cache.save()
 
     for split in ("train", "val", "test"):
         x, y = data.split(split)
