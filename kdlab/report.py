@@ -63,7 +63,8 @@ def _fmt(cell) -> str:
     mean, std, n, total = cell
     if mean is None:
         return "–" if total == 0 else "pending"
-    text = f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 else "")
+    digits = 2 if abs(mean) >= 1 else 4  # accuracies in %, ECE and MI in their own units
+    text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
     return text + (f" ({n}/{total} seeds)" if n < total else "")
 
 
@@ -132,7 +133,7 @@ def _hardware() -> dict:
 
 
 def write_report(directory: str | Path, log=print) -> dict:
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     manifest_path = directory / "sweep.json"
     if not manifest_path.is_file():
         raise RunError(f"{directory} holds no sweep.json: run `kdlab sweep RECIPE --out {directory}` first")

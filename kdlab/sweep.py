@@ -43,7 +43,9 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
               executor: str = "local", workers: int = 1, address: str | None = None,
               progress: bool = True, log=print) -> dict:
     """Train every run of ``recipe`` at ``scale`` under ``out_dir``; write ``sweep.json``."""
-    out_dir = Path(out_dir or Path("runs") / f"{recipe.id}-{scale}")
+    # absolute, so that workers in other directories (Ray) find the same run dirs; the run
+    # hash leaves out out_dir and teachers' parent dirs, so this changes no run's identity
+    out_dir = Path(out_dir or Path("runs") / f"{recipe.id}-{scale}").resolve()
     runs = expand(recipe, scale, out_dir)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
