@@ -78,6 +78,10 @@ def _table_md(item: ReportItem, rows, cols, cells) -> str:
             paper = item.paper.get(row, {}).get(col)
             entries.append(ours + (f" (paper {paper:g})" if paper is not None else ""))
         lines.append("| " + " | ".join([row] + entries) + " |")
+    unmatched = {r: v for r, v in item.paper.items() if r not in rows}
+    if unmatched:  # the quick scale's rows stand in for other settings: show the paper's own
+        lines.extend("| " + " | ".join([f"paper: {r}" if r else "paper"] + [f"{v[c]:g}" if c in v else "" for c in cols]) + " |"
+                     for r, v in unmatched.items())
     return "\n".join(lines)
 
 
