@@ -59,23 +59,24 @@ def _cells(item: ReportItem, runs: list[RunSpec], row_axis: str | None, col_axis
     return rows, cols, cells
 
 
-def _fmt(cell) -> str:
+def _fmt(cell, digits: int = 2) -> str:
     mean, std, n, total = cell
     if mean is None:
         return "–" if total == 0 else "pending"
-    digits = 2 if abs(mean) >= 1 else 4  # accuracies in %, ECE and MI in their own units
     text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
     return text + (f" ({n}/{total} seeds)" if n < total else "")
 
 
 def _table_md(item: ReportItem, rows, cols, cells) -> str:
+    means = [abs(c[0]) for c in cells.values() if c[0] is not None]
+    digits = 2 if means and max(means) >= 1 else 4  # accuracies in %; ECE, MI, tightness in their units
     header = [item.rows or "", *[c or item.metric for c in cols]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         entries = []
         for col in cols:
-            ours = _fmt(cells[row, col])
-            paper = item.paper.get(row, {}).get(col)
+            ours = _fmt(cells[row, col], digits)
+            paper = item.paper.get(row, {}).get(col if col else item.metric)  # no column axis: keyed by metric
             entries.append(ours + (f" (paper {paper:g})" if paper is not None else ""))
         lines.append("| " + " | ".join([row] + entries) + " |")
     unmatched = {r: v for r, v in item.paper.items() if r not in rows}
@@ -112,7 +113,7 @@ def _plot(item: ReportItem, rows, cols, cells, path: Path) -> Path | None:
                 ax.errorbar(range(len(xs)), means, yerr=stds, marker="o", capsize=3, label=col or item.metric)
                 ax.set_xticks(range(len(xs)), xs)
             for row in rows:
-                paper = item.paper.get(row, {}).get(col)
+                paper = item.paper.get(row, {}).get(col if col else item.metric)  # no column axis: keyed by metric
                 if paper is not None:
                     ax.scatter(rows.index(row), paper, marker="x", color="black")
         ax.set(xlabel=item.x, ylabel=f"{item.metric} ×{item.scale:g}", title=item.title)
