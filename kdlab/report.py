@@ -111,7 +111,7 @@ def _plot(item: ReportItem, rows, cols, cells, path: Path) -> Path | None:
                 means = np.array([cells[r, col][0] for r in xs])
                 stds = np.array([cells[r, col][1] for r in xs])
                 ax.errorbar(range(len(xs)), means, yerr=stds, marker="o", capsize=3, label=col or item.metric)
-                ax.set_xticks(range(len(xs)), xs)
+                ax.set_xticks(range(len(xs)), xs, rotation=30 if max(map(len, xs)) > 4 else 0, ha="right" if max(map(len, xs)) > 4 else "center")
             for row in rows:
                 paper = item.paper.get(row, {}).get(col if col else item.metric)  # no column axis: keyed by metric
                 if paper is not None:
