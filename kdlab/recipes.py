@@ -65,6 +65,7 @@ class ReportItem(_Strict):
     lines: Optional[str] = None
     where: dict[str, str] = Field(default_factory=dict, description="axis -> label filter")
     scale: float = 100.0
+    spread: Literal["std", "minmax"] = Field("std", description="over seeds: mean ± std, or mean [min, max]")
     paper: dict[str, dict[str, float]] = Field(default_factory=dict, description="row -> col -> paper number")
     figures: list[str] = Field(default_factory=list, description="analysis figure names, for kind=figures")
     comment: str = ""

@@ -55,7 +55,8 @@ def _cells(item: ReportItem, runs: list[RunSpec], row_axis: str | None, col_axis
             values = [_value(r, item.metric) for r in selected
                       if (not row_axis or r.labels.get(row_axis) == row) and (not col_axis or r.labels.get(col_axis) == col)]
             found = [v * item.scale for v in values if v is not None]
-            cells[row, col] = (np.mean(found), np.std(found), len(found), len(values)) if found else (None, None, 0, len(values))
+            spread = (np.std(found) if item.spread == "std" else (min(found), max(found))) if found else None
+            cells[row, col] = (np.mean(found), spread, len(found), len(values)) if found else (None, None, 0, len(values))
     return rows, cols, cells
 
 
@@ -63,7 +64,12 @@ def _fmt(cell, digits: int = 2) -> str:
     mean, std, n, total = cell
     if mean is None:
         return "–" if total == 0 else "pending"
-    text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+    if n <= 1:
+        text = f"{mean:.{digits}f}"
+    elif isinstance(std, tuple):  # spread: minmax
+        text = f"{mean:.{digits}f} [{std[0]:.{digits}f}, {std[1]:.{digits}f}]"
+    else:
+        text = f"{mean:.{digits}f} ± {std:.{digits}f}"
     return text + (f" ({n}/{total} seeds)" if n < total else "")
 
 
@@ -109,8 +115,12 @@ def _plot(item: ReportItem, rows, cols, cells, path: Path) -> Path | None:
             xs = [r for r in rows if cells[r, col][0] is not None]
             if xs:
                 means = np.array([cells[r, col][0] for r in xs])
-                stds = np.array([cells[r, col][1] for r in xs])
-                ax.errorbar(range(len(xs)), means, yerr=stds, marker="o", capsize=3, label=col or item.metric)
+                spreads = [cells[r, col][1] for r in xs]
+                if item.spread == "minmax":  # asymmetric bars from min to max
+                    yerr = np.array([[m - s[0], s[1] - m] for m, s in zip(means, spreads)]).T
+                else:
+                    yerr = np.array(spreads, dtype=float)
+                ax.errorbar(range(len(xs)), means, yerr=yerr, marker="o", capsize=3, label=col or item.metric)
                 ax.set_xticks(range(len(xs)), xs, rotation=30 if max(map(len, xs)) > 4 else 0, ha="right" if max(map(len, xs)) > 4 else "center")
             for row in rows:
                 paper = item.paper.get(row, {}).get(col if col else item.metric)  # no column axis: keyed by metric

@@ -30,7 +30,7 @@ TINY = {
     "report": [
         {"kind": "table", "title": "Accuracy", "stage": "student", "cols": "objective",
          "paper": {"": {"KL τ=∞": 90.0, "MSE": 91.0}, "CIFAR-100": {"MSE": 70.5}}},
-        {"kind": "curve", "title": "Accuracy by objective", "stage": "student", "x": "objective"},
+        {"kind": "curve", "title": "Accuracy by objective", "stage": "student", "x": "objective", "spread": "minmax"},
         {"kind": "figures", "title": "Reliability", "stage": "student", "figures": ["reliability"]},
     ],
 }
@@ -67,6 +67,7 @@ def test_local_sweep_with_two_processes_then_skip_then_report(tiny_recipe, tmp_p
     md = (out / "report.md").read_text()
     assert "(paper 90)" in md and "Tiny test recipe" in md and "Hardware:" in md
     assert "| paper: CIFAR-100 |  | 70.5 |" in md  # paper rows the quick scale does not have
+    assert md.count(" ± ") >= 2 and "[" in md.split("Accuracy by objective")[1]  # std, then min/max
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 1 and "<table>" in html
 
