@@ -13,6 +13,7 @@ warms up allocators); each loop is timed on the training step only (no evaluatio
    (a second run with the same seed meets exactly the views the first one stored);
 4. a conventional loop as the papers' public code: torch DataLoader, per-image PIL pad /
    crop / flip / to-tensor / normalise, teacher forward every step, fp32 NCHW;
+   kdlab runs fp32 with channels_last by default (--precision bf16, --nchw to change);
 5. teacher forward passes for Kim Fig. 3's grid (7 τ × 6 α × 5 seeds, 200 epochs,
    50k CIFAR-100 training images) with and without the cache.
 
@@ -148,14 +149,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1,536 images per epoch (about 5 minutes on 2 cores)")
     parser.add_argument("--images", type=int, help="training images per epoch (default 1,536 quick, 10,000 full)")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="kdlab runs: bf16 autocast + channels_last, or fp32 NCHW")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="kdlab runs and the floor: fp32, or bf16 autocast (fast only on CPUs with "
+                             "avx512_bf16/AMX or on GPUs; emulated and ~2x slower on others)")
+    parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last for kdlab and the floor")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional loop")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_speed.json"))
     args = parser.parse_args()
     n_train = args.images or (1536 if args.quick else 10_000)
     bf16 = args.precision == "bf16"
+    channels_last = not args.nchw
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,15 +168,16 @@ def main() -> int:
         base = {"out_dir": str(tmp / "runs"), "eval_every": 2, "eval_batch_size": 256,
                 "data": {"name": "cifar100", "root": str(tmp / "cifar-100-python"), "val_size": 128},
                 "optim": {"epochs": 2, "batch_size": args.batch_size, "lr": 0.1, "milestones": [100]},
-                "bf16": bf16, "channels_last": bf16}
+                "bf16": bf16, "channels_last": channels_last}
         data = load_dataset(build_config(base).data)
         rows = {}
         log = lambda *a: None  # noqa: E731
 
         print(f"{n_train:,} images per epoch, batch {args.batch_size}, {args.precision}, "
+              f"{'channels_last' if channels_last else 'NCHW'}, "
               f"{torch.get_num_threads()} threads", flush=True)
         steps = max(4, n_train // args.batch_size)
-        rows["compute"] = pure_compute("wrn-16-2", data, args.batch_size, steps, bf16, bf16)
+        rows["compute"] = pure_compute("wrn-16-2", data, args.batch_size, steps, bf16, channels_last)
         print(f"  compute floor      {rows['compute']:8.1f} img/s", flush=True)
         ce = train(build_config({**base, "name": "ce", "model": {"name": "wrn-16-2"}}), progress=False, log=log)
         rows["ce"] = second_epoch_rate(ce["run_dir"])
@@ -198,6 +203,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpu": _cpu(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "quick": args.quick, "images_per_epoch": n_train, "batch_size": args.batch_size, "precision": args.precision,
+        "channels_last": channels_last,
         "student": "wrn-16-2", "teacher": "wrn-28-4", "conventional_loader_workers": args.workers,
         "images_per_s": rows,
         "ce_over_compute": rows["compute"] / rows["ce"],

@@ -96,16 +96,18 @@ def _scheduler(optimizer, cfg):
 class _Teachers:
     """Frozen teacher(s); several are an ensemble whose logits are averaged."""
 
-    def __init__(self, run_dirs: list[str], data: Dataset):
+    def __init__(self, run_dirs: list[str], data: Dataset, channels_last: bool = False):
         self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape) for r in run_dirs]
+        if channels_last:  # the same layout as the student's batches: no conversion per step
+            self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, bf16: bool) -> torch.Tensor:
         with _autocast(bf16):
             return ensemble_logits([m(x) for m in self.models])
 
-    def predict(self, data: Dataset, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-        return ensemble_logits([predict(m, data, x, batch_size) for m in self.models])
+    def predict(self, data: Dataset, x: torch.Tensor, batch_size: int, channels_last: bool = False) -> torch.Tensor:
+        return ensemble_logits([predict(m, data, x, batch_size, channels_last=channels_last) for m in self.models])
 
 
 class _MutualInformationProbe:
@@ -146,7 +148,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     """
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data)
-    teachers = _Teachers(cfg.teacher.runs, data) if cfg.teacher else None
+    teachers = _Teachers(cfg.teacher.runs, data, cfg.channels_last) if cfg.teacher else None
     probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
 
     run_dir = cfg.run_dir()
@@ -188,8 +190,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
 
     test_teacher = val_teacher = None
     if teachers is not None:
-        val_teacher = teachers.predict(data, data.val_x, cfg.eval_batch_size)
-        test_teacher = teachers.predict(data, data.test_x, cfg.eval_batch_size)
+        val_teacher = teachers.predict(data, data.val_x, cfg.eval_batch_size, cfg.channels_last)
+        test_teacher = teachers.predict(data, data.test_x, cfg.eval_batch_size, cfg.channels_last)
     use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
     cache = None
     if use_teacher_in_step and cfg.teacher.cache.mode != "off":
@@ -281,7 +283,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
                   "features": features.half().numpy() if split == "train" else features.numpy()}
         teacher_logits = {"val": val_teacher, "test": test_teacher}.get(split)
         if split == "train" and teachers is not None:
-            teacher_logits = teachers.predict(data, x, cfg.eval_batch_size)
+            teacher_logits = teachers.predict(data, x, cfg.eval_batch_size, cfg.channels_last)
         if teacher_logits is not None:
             arrays["teacher_logits"] = teacher_logits.numpy()
         atomic_save_npz(run_dir / f"eval_{split}.npz", **arrays)
