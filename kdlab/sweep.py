@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, KdlabError
-from .recipes import Recipe, RunSpec, expand
+from .recipes import Recipe, expand
 from .runs import atomic_write_json, read_json
 
 
