@@ -200,6 +200,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, recursively for nested mappings (neither is modified)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for text in overrides:

@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 
-from .config import build_config
+from .config import build_config, merge_dicts as _merge
 from .runs import atomic_write_json, atomic_write_text
 from .train import train
 
@@ -37,13 +37,6 @@ def _base(out_dir: Path, epochs: int, num_samples: int, seed: int) -> dict:
         "optim": {"epochs": epochs, "batch_size": 128, "lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4},
         "eval_batch_size": 2000,
     }
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    for key, value in extra.items():
-        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
-    return out
 
 
 def format_table(rows: list[dict], teacher: dict) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import Config, apply_overrides, build_config
+from .config import Config, apply_overrides, build_config, merge_dicts as _merge
 from .errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -116,13 +116,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
     return recipe
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs") -> list[RunSpec]:
