@@ -118,6 +118,8 @@ class Config(_Strict):
     loss: LossConfig = LossConfig()
     teacher: Optional[TeacherConfig] = None
     mutual_information: MutualInformationConfig = MutualInformationConfig()
+    device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
+                        description="auto (cuda when available, else cpu), cpu, cuda or cuda:N; not part of the hash")
     bf16: bool = Field(False, description="bf16 autocast for the model (losses stay float32)")
     channels_last: bool = False
     eval_batch_size: int = Field(1000, gt=0)
@@ -131,8 +133,9 @@ class Config(_Strict):
 
     def run_hash(self) -> str:
         """8 hex digits of the SHA-256 of the resolved config; out_dir and the teachers'
-        parent directories excluded, so a tree of runs can be moved."""
-        payload = self.model_dump(mode="json", exclude={"out_dir"})
+        parent directories excluded, so a tree of runs can be moved, and the device, so a
+        run started on one machine resumes (or is found finished) on another."""
+        payload = self.model_dump(mode="json", exclude={"out_dir", "device"})
         if self.teacher is not None:  # a teacher is identified by its run dir's name (which holds its hash),
             payload["teacher"]["runs"] = [Path(r).name for r in self.teacher.runs]  # not where it lies
             # the cache is exact in float32: only float16 storage can change a result

@@ -61,6 +61,7 @@ class TeacherCache:
         if size > cfg.max_gb * 1e9:
             raise MemoryError(f"teacher cache needs {size / 1e9:.2f} GB > teacher.cache.max_gb={cfg.max_gb}")
         self.dirty = False
+        self.device = getattr(teachers, "device", torch.device("cpu"))  # the table lives beside the teachers
         if self.path.is_file():
             with np.load(self.path) as stored:
                 self.table = torch.from_numpy(stored["logits"].astype(np.dtype(cfg.dtype)))
@@ -70,6 +71,8 @@ class TeacherCache:
         else:
             self.table = torch.zeros((n, self.num_views, k), dtype=DTYPES[cfg.dtype])
             self.filled = torch.zeros((n, self.num_views), dtype=torch.bool)
+        self.table, self.filled = self.table.to(self.device), self.filled.to(self.device)
+        self._complete = self.complete  # once complete, a lookup is one gather (no check, no sync)
 
     @property
     def complete(self) -> bool:
@@ -85,22 +88,27 @@ class TeacherCache:
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(start + batch_size, n))
                 views = torch.full((len(index),), view, dtype=torch.long)
-                x = self.data.prepare(self.data.augmentation.apply(self.data.train_x[index], views))
+                raw = self.data.train_x[index].to(self.device)
+                x = self.data.prepare(self.data.augmentation.apply(raw, views))
                 self._store(index, views, self.teachers(x, bf16))
                 bar.update(len(index))
         bar.close()
+        self._complete = True
         self.save()
 
     def lookup(self, index: torch.Tensor, views: torch.Tensor, x: torch.Tensor, bf16: bool) -> torch.Tensor:
         """Teacher logits (float32) for the batch; ``x`` is the prepared batch of those
-        views, used only for entries not in the table yet."""
-        missing = ~self.filled[index, views]
-        if missing.any():
-            self._store(index[missing], views[missing], self.teachers(x[missing], bf16))
-        return self.table[index, views].float()
+        views, used only for entries not in the table yet. Returned on ``x``'s device."""
+        index, views = index.to(self.device), views.to(self.device)
+        if not self._complete:
+            missing = ~self.filled[index, views]
+            if missing.any():
+                self._store(index[missing], views[missing], self.teachers(x[missing.to(x.device)], bf16))
+        return self.table[index, views].float().to(x.device)
 
     def _store(self, index, views, logits) -> None:
-        self.table[index, views] = logits.to(self.table.dtype)
+        index, views = index.to(self.device), views.to(self.device)
+        self.table[index, views] = logits.to(self.device, self.table.dtype)
         self.filled[index, views] = True
         self.dirty = True
 
@@ -109,6 +117,6 @@ class TeacherCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        np.savez(buffer, logits=self.table.numpy(), filled=self.filled.numpy())
+        np.savez(buffer, logits=self.table.cpu().numpy(), filled=self.filled.cpu().numpy())
         atomic_write_bytes(self.path, buffer.getvalue())
         self.dirty = False

@@ -38,8 +38,32 @@ from .runs import (
 )
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` -> a usable torch.device, or a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {name!r} asked for, but CUDA is not available to this torch "
+                              f"({torch.__version__}); use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _autocast(enabled: bool, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _to_device_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -49,16 +73,18 @@ def _to_device_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 @torch.inference_mode()
 def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 1000, *,
             features: bool = False, bf16: bool = False, channels_last: bool = False):
-    """Logits (float32) of ``model`` on raw inputs ``x`` (and penultimate features)."""
+    """Logits (float32, on the CPU) of ``model`` on raw inputs ``x`` (and penultimate
+    features); batches go to the model's device."""
     was_training = model.training
     model.eval()
+    device = _model_device(model)
     logits, feats = [], []
     for start in range(0, len(x), batch_size):
-        batch = _to_device_layout(data.prepare(x[start : start + batch_size]), channels_last)
-        with _autocast(bf16):
+        batch = _to_device_layout(data.prepare(x[start : start + batch_size].to(device)), channels_last)
+        with _autocast(bf16, device.type):
             out = model(batch, return_features=True)
-        logits.append(out[0].float())
-        feats.append(out[1].float())
+        logits.append(out[0].float().cpu())
+        feats.append(out[1].float().cpu())
     model.train(was_training)
     logits = torch.cat(logits) if logits else torch.zeros(0)
     return (logits, torch.cat(feats)) if features else logits
@@ -95,15 +121,19 @@ def _scheduler(optimizer, cfg):
 class _Teachers:
     """Frozen teacher(s); several are an ensemble whose logits are averaged."""
 
-    def __init__(self, run_dirs: list[str], data: Dataset, channels_last: bool = False):
-        self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape) for r in run_dirs]
+    def __init__(self, run_dirs: list[str], data: Dataset, channels_last: bool = False,
+                 device: torch.device = torch.device("cpu")):
+        self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape).to(device) for r in run_dirs]
         if channels_last:  # the same layout as the student's batches: no conversion per step
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
+        self.device = device
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, bf16: bool) -> torch.Tensor:
-        with _autocast(bf16):
-            return ensemble_logits([m(x) for m in self.models])
+        """Float32 logits on the teachers' device of a prepared batch (moved there if needed)."""
+        x = x.to(self.device, non_blocking=True)
+        with _autocast(bf16, self.device.type):
+            return ensemble_logits([m(x).float() for m in self.models])
 
     def predict(self, data: Dataset, x: torch.Tensor, batch_size: int, channels_last: bool = False) -> torch.Tensor:
         return ensemble_logits([predict(m, data, x, batch_size, channels_last=channels_last) for m in self.models])
@@ -146,8 +176,12 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     (checkpoint written, no result): the next call resumes. It returns None then.
     """
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:  # (torch.manual_seed above seeds the CUDA generators too)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     data = load_dataset(cfg.data)
-    teachers = _Teachers(cfg.teacher.runs, data, cfg.channels_last) if cfg.teacher else None
+    teachers = _Teachers(cfg.teacher.runs, data, cfg.channels_last, device) if cfg.teacher else None
     probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
 
     run_dir = cfg.run_dir()
@@ -157,12 +191,13 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    atomic_write_json(run_dir / "meta.json", run_meta())
+    atomic_write_json(run_dir / "meta.json", {**run_meta(), "device": describe_device(device)})
+    log(f"{run_dir}: training on {describe_device(device)}")
     if len(data.noisy_indices):
         atomic_save_npz(run_dir / "label_noise.npz", flipped_indices=data.noisy_indices,
                         clean_labels=data.clean_train_y.numpy(), noisy_labels=data.train_y.numpy())
 
-    model = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
+    model = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt_cfg, loss_cfg = cfg.optim, cfg.loss
@@ -181,6 +216,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if on_cuda and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch = state["epoch"]
         log(f"{run_dir}: resuming after epoch {start_epoch}")
     metrics_path = run_dir / "metrics.jsonl"
@@ -206,6 +243,9 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     steps_per_epoch = math.ceil(len(data.train_y) / opt_cfg.batch_size)
     params = list(model.parameters())
     n_train, batch_size, aug = len(data.train_y), opt_cfg.batch_size, data.augmentation
+    # the training split lives on the device (CIFAR-100: 150 MB of uint8); index, views and
+    # the data order are drawn on the CPU by the checkpointed generator, as on a CPU run
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
     train_time = sum(m["epoch_time_s"] for m in done_epochs)
 
@@ -215,15 +255,16 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     for epoch in bar:
         model.train()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.int64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+        correct = torch.zeros((), dtype=torch.int64, device=device)
         order = torch.randperm(n_train, generator=generator)
         for step_in_epoch, begin in enumerate(range(0, n_train, batch_size)):
             index = order[begin : begin + batch_size]
             views = aug.sample(len(index), generator)
-            x = _to_device_layout(data.prepare(aug.apply(data.train_x[index], views)), cfg.channels_last)
-            y = data.train_y[index]
-            with _autocast(cfg.bf16):
+            index_d = index.to(device, non_blocking=True)
+            x = _to_device_layout(data.prepare(aug.apply(train_x[index_d], views)), cfg.channels_last)
+            y = train_y[index_d]
+            with _autocast(cfg.bf16, device.type):
                 logits = model(x)
             if cache is not None:
                 teacher_logits = cache.lookup(index, views, x, cfg.bf16)
@@ -243,6 +284,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
                     handle.write(json.dumps({"epoch": epoch + 1, "step": step, "mutual_information": probe(model)}) + "\n")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        if on_cuda:
+            torch.cuda.synchronize(device)  # the epoch's kernels are queued, not finished
         epoch_time = time.perf_counter() - started
         train_time += epoch_time
         train_loss = (loss_sum / n_train).item()
@@ -259,9 +302,12 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
                     record.update(_metrics(split, logits, y, teacher_logits))
         with open(metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        atomic_torch_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                           "torch_rng": torch.get_rng_state()}, checkpoint_path)
+        checkpoint = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                      "torch_rng": torch.get_rng_state()}
+        if on_cuda:
+            checkpoint["cuda_rng"] = torch.cuda.get_rng_state(device)
+        atomic_torch_save(checkpoint, checkpoint_path)
         bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{record.get('test_acc', float('nan')):.3f}",
                         img_s=f"{record['images_per_s']:.0f}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
@@ -288,7 +334,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         atomic_save_npz(run_dir / f"eval_{split}.npz", **arrays)
     atomic_torch_save(model.state_dict(), run_dir / "model.pt")
     result = {
-        "run_dir": str(run_dir), "name": cfg.name, "hash": cfg.run_hash(), "model": cfg.model.name,
+        "run_dir": str(run_dir), "name": cfg.name, "hash": cfg.run_hash(), "device": describe_device(device),
+        "model": cfg.model.name,
         "dataset": cfg.data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
         "num_params": count_parameters(model), "epochs": opt_cfg.epochs, "train_time_s": train_time,
         "images_per_s": n_train * opt_cfg.epochs / train_time if train_time > 0 else None,

@@ -1,4 +1,13 @@
-"""Shared fixtures: tiny files in the real dataset formats."""
+"""Shared fixtures: tiny files in the real dataset formats.
+
+The suite runs on the CPU wherever it runs (CUDA hidden before torch starts): its
+exactness checks (bit-identical resume, cache = online) assume deterministic kernels.
+GPU speed is measured by ``benchmarks/train_speed.py --device cuda``.
+"""
+
+import os
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import gzip
 import pickle

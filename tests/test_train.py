@@ -132,6 +132,9 @@ def test_unfinished_teacher_and_corrupt_checkpoint(tmp_path, teacher):
     (["train", "data.name=cifar100"], "data.root is required"),
     (["train", "data.name=mnist", "data.root=/does/not/exist"], "does not exist"),
     (["train", "loss.alpha=1", "teacher.runs=[/no/such/run]"], "does not exist"),
+    (["train", "device=gpu"], "device"),
+    pytest.param(["train", "device=cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -168,3 +171,20 @@ def test_mutual_information_probe_leaves_training_unchanged(tmp_path):
                    progress=False, log=lambda *a: None)
     assert _strip(read_metrics(plain["run_dir"])) == _strip(read_metrics(probed["run_dir"]))
     assert len(read_metrics(probed["run_dir"], "mutual_information")) == 2 * 21 // 5
+
+
+def test_device_is_not_part_of_the_run_identity(tmp_path):
+    """device=auto resolves to the CPU here; the run dir is the one device=cpu names, so a
+    run started on one device is found (finished or resumable) from another."""
+    cpu, auto = _digits(tmp_path, optim={"epochs": 1}), _digits(tmp_path, optim={"epochs": 1}, device="auto")
+    assert cpu.run_dir() == auto.run_dir()
+    first = train(cpu, progress=False, log=lambda *a: None)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert first["device"].startswith("cpu")
+    messages = []
+    assert train(auto, progress=False, log=messages.append) == first and "finished already" in messages[0]
+    meta = json.loads((cpu.run_dir() / "meta.json").read_text())
+    assert meta["device"].startswith("cpu")
+    from kdlab.train import resolve_device
+
+    assert resolve_device("auto").type == expected and resolve_device("cpu").type == "cpu"

@@ -51,6 +51,7 @@ class Dataset:
     std: torch.Tensor  # (C,)
     noisy_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     clean_train_y: torch.Tensor | None = None
+    _device_stats: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,7 +61,17 @@ class Dataset:
         """Raw batch -> normalised float32 (uint8 images are scaled to [0, 1] first)."""
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - self.mean.view(shape)) / self.std.view(shape)
+        mean, std = self._stats_on(x.device)
+        return (x - mean.view(shape)) / std.view(shape)
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean/std on ``device``, copied there once (not in every step)."""
+        if self.mean.device == device:
+            return self.mean, self.std
+        cached = self._device_stats.get(device)
+        if cached is None:
+            cached = self._device_stats[device] = (self.mean.to(device), self.std.to(device))
+        return cached
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in ("train", "val", "test"):
