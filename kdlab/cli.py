@@ -72,6 +72,9 @@ def _sweep_args(p, with_recipe=True):
     p.add_argument("--scale", default="quick", choices=["quick", "paper"])
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=int, default=1, help="parallel runs (local: processes sharing the cores)")
+    p.add_argument("--threads", type=int, help="torch threads per local worker (default: cores / workers)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, e.g. --set device=cuda --set bf16=true (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--out", help="output directory (default runs/RECIPE-SCALE)")
     p.add_argument("--no-progress", action="store_true")
@@ -84,7 +87,8 @@ def _cmd_sweep(args) -> int:
     if not args.recipe:
         raise_usage("sweep needs a RECIPE")
     manifest = run_sweep(load_recipe(args.recipe), args.scale, args.out, executor=args.executor,
-                         workers=args.workers, address=args.address, progress=not args.no_progress)
+                         workers=args.workers, threads=args.threads, address=args.address,
+                         settings=args.settings, progress=not args.no_progress)
     return 1 if any(r["status"] == "failed" for r in manifest["runs"]) else 0
 
 
@@ -113,9 +117,9 @@ def _cmd_reproduce(args) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out or Path("runs") / f"{recipe.id}-{args.scale}")
-    manifest = run_sweep(recipe, args.scale, out, executor=args.executor, workers=args.workers,
-                         address=args.address, progress=not args.no_progress)
-    for run in expand(recipe, args.scale, out):
+    manifest = run_sweep(recipe, args.scale, out, executor=args.executor, workers=args.workers, threads=args.threads,
+                         address=args.address, settings=args.settings, progress=not args.no_progress)
+    for run in expand(recipe, args.scale, out, args.settings):
         if run.analyze and (run.run_dir / "result.json").is_file() and not (run.run_dir / "analysis" / "analysis.json").is_file():
             teacher = str(run.teacher_of[0].run_dir) if len(run.teacher_of) == 1 else None
             analyze_run(run.run_dir, teacher, n_bootstrap=100, log=lambda *a: None)

@@ -118,8 +118,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return recipe
 
 
-def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs") -> list[RunSpec]:
-    """Every run of the recipe at ``scale``, stages in order, teachers resolved."""
+def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",
+           settings: list[str] | tuple[str, ...] = ()) -> list[RunSpec]:
+    """Every run of the recipe at ``scale``, stages in order, teachers resolved.
+
+    ``settings`` (``key.sub=value``, as ``kdlab reproduce --set``) apply to every run
+    after the recipe's own values (``teacher.*`` ones only to runs with teachers); those
+    that change a run's hash (``bf16=true``) give other run dirs, ``device`` does not."""
     if scale not in recipe.scales:
         raise ConfigError(f"recipe {recipe.id} has no {scale!r} scale (has: {', '.join(recipe.scales)})")
     spec = recipe.scales[scale]
@@ -151,6 +156,7 @@ def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs") -
                     teachers += matches
                 if teachers:
                     data["teacher"] = {"runs": [str(t.run_dir) for t in teachers]}
+                data = apply_overrides(data, [s for s in settings if teachers or not s.startswith("teacher.")])
                 try:
                     config = build_config(data)
                 except ConfigError as err:

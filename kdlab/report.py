@@ -156,7 +156,7 @@ def write_report(directory: str | Path, log=print) -> dict:
     # the recipe as the sweep ran it (a snapshot), so a later edit of the file cannot mislabel runs
     recipe = Recipe.model_validate(manifest["recipe_spec"]) if "recipe_spec" in manifest else load_recipe(manifest["recipe"])
     scale = manifest["scale"]
-    runs = expand(recipe, scale, directory)
+    runs = expand(recipe, scale, directory, manifest.get("settings", []))
     figure_dir = directory / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     sections = []  # (title, markdown table or None, [png paths], comment)
@@ -185,7 +185,7 @@ def write_report(directory: str | Path, log=print) -> dict:
             "note": recipe.scales[scale].note, "runs_total": len(runs), "runs_finished": len(results),
             "train_time_s": sum(r["train_time_s"] for r in results),
             "sweep_wall_time_s": manifest.get("wall_time_total_s", manifest.get("wall_time_s")),
-            "hardware": hardware, "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "settings": manifest.get("settings", []), "hardware": hardware, "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     md = _markdown(info, sections, directory)
     atomic_write_text(directory / "report.md", md)
     atomic_write_text(directory / "report.html", _html(info, sections))
@@ -197,7 +197,8 @@ def _info_lines(info: dict) -> list[str]:
     hw = info["hardware"]
     return [f"Scale: {info['scale']} — {info['note']}",
             f"Runs: {info['runs_finished']}/{info['runs_total']} finished; training time {info['train_time_s'] / 60:.1f} min; "
-            f"sweep wall time {(info['sweep_wall_time_s'] or 0) / 60:.1f} min",
+            f"sweep wall time {(info['sweep_wall_time_s'] or 0) / 60:.1f} min"
+            + (f"; settings for every run: {' '.join(info['settings'])}" if info.get("settings") else ""),
             f"Hardware: {hw['cpu']}, {hw['cores']} cores" + (f", {hw['cuda']}" if hw["cuda"] else "") +
             f"; torch {hw['torch']}, Python {hw['python']}; generated {info['generated_at']}"]
 

@@ -40,15 +40,21 @@ def _init_worker(threads: int) -> None:
 
 
 def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None = None, *,
-              executor: str = "local", workers: int = 1, address: str | None = None,
-              progress: bool = True, log=print) -> dict:
-    """Train every run of ``recipe`` at ``scale`` under ``out_dir``; write ``sweep.json``."""
+              executor: str = "local", workers: int = 1, threads: int | None = None, address: str | None = None,
+              settings: list[str] | tuple[str, ...] = (), progress: bool = True, log=print) -> dict:
+    """Train every run of ``recipe`` at ``scale`` under ``out_dir``; write ``sweep.json``.
+
+    Local executor: ``workers`` processes with ``threads`` torch threads each (default:
+    the cores split evenly; ``benchmarks/sweep_layout.py`` measures the layouts).
+    ``settings`` are ``key=value`` overrides for every run (see ``recipes.expand``)."""
     # absolute, so that workers in other directories (Ray) find the same run dirs; the run
     # hash leaves out out_dir and teachers' parent dirs, so this changes no run's identity
     out_dir = Path(out_dir or Path("runs") / f"{recipe.id}-{scale}").resolve()
-    runs = expand(recipe, scale, out_dir)
+    runs = expand(recipe, scale, out_dir, settings)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}: use local or ray")
     started = time.perf_counter()
@@ -57,7 +63,7 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     log(f"{recipe.id} ({scale}): {len(runs)} runs in {out_dir}, {done} finished already; "
         f"executor {executor}, {workers} worker(s)")
     bar = tqdm(total=len(runs), initial=done, disable=not progress, unit="run", desc=recipe.id, dynamic_ncols=True)
-    submit, shutdown = _executor(executor, workers, address, recipe.scales[scale])
+    submit, shutdown = _executor(executor, workers, address, recipe.scales[scale], threads)
     try:
         for stage in dict.fromkeys(r.stage for r in runs):
             pending = {}
@@ -93,6 +99,7 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     manifest = {
         # the recipe snapshot in python mode keeps τ = inf (json writes it as Infinity)
         "recipe": recipe.id, "scale": scale, "recipe_spec": recipe.model_dump(), "executor": executor, "workers": workers,
+        "threads": threads, "settings": list(settings),
         "wall_time_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": [{"stage": r.stage, "labels": r.labels, "seed": r.seed, "run_dir": str(r.run_dir),
                   "status": status.get(str(r.run_dir), "done" if (r.run_dir / "result.json").is_file() else "pending")}
@@ -108,11 +115,11 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     return manifest
 
 
-def _executor(kind: str, workers: int, address: str | None, scale_spec):
+def _executor(kind: str, workers: int, address: str | None, scale_spec, threads: int | None = None):
     """(submit(run) -> future, shutdown()) for the chosen executor."""
     cores = os.cpu_count() or 1
     if kind == "local":
-        threads = max(1, cores // workers)
+        threads = threads or max(1, cores // workers)
         if workers == 1:  # in this process: no pickling, tracebacks stay readable
             pool = cf.ThreadPoolExecutor(1)
         else:

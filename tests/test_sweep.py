@@ -135,3 +135,27 @@ def test_report_renders_in_headless_chromium(tiny_recipe, tmp_path):
         assert (tmp_path / "report.png").stat().st_size > 10000
     finally:
         driver.quit()
+
+
+def test_settings_apply_to_every_run_and_reach_the_report(tiny_recipe, tmp_path):
+    recipe = load_recipe(tiny_recipe)
+    plain = expand(recipe, "quick", tmp_path)
+    # device is not part of a run's identity; bf16 is; teacher.* settings go to students only
+    assert [r.run_dir for r in expand(recipe, "quick", tmp_path, ["device=cpu"])] == [r.run_dir for r in plain]
+    bf16 = expand(recipe, "quick", tmp_path, ["bf16=true", "teacher.cache.mode=full"])
+    assert all(r.config.bf16 for r in bf16) and not {r.run_dir for r in bf16} & {r.run_dir for r in plain}
+    assert bf16[0].config.teacher is None and all(r.config.teacher.cache.mode == "full" for r in bf16[1:])
+    with pytest.raises(Exception, match="unknown config key 'optimizer'"):
+        expand(recipe, "quick", tmp_path, ["optimizer.lr=1"])
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(tiny_recipe), "--out", str(out), "--no-progress", "--workers", "2", "--threads", "1",
+                 "--set", "optim.epochs=1", "--set", "eval_every=1"]) == 0
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["threads"] == 1 and manifest["settings"] == ["optim.epochs=1", "eval_every=1"]
+    for run in manifest["runs"]:
+        assert json.loads((Path(run["run_dir"]) / "result.json").read_text())["epochs"] == 1
+    write_report(out, log=_quiet)  # the report finds the runs the settings made
+    md = (out / "report.md").read_text()
+    assert "Runs: 5/5 finished" in md and "settings for every run: optim.epochs=1 eval_every=1" in md
+    assert main(["sweep", str(tiny_recipe), "--out", str(out), "--threads", "0"]) == 2
