@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pickle
 import platform
@@ -237,13 +236,14 @@ def main() -> int:
 
         # Round-robin: one epoch of each, a floor measurement between any two; a run is
         # resumed from its checkpoint for its next epoch (loading is outside the timed step).
-        timed = {"ce": lambda r: (train(ce_cfg, progress=False, log=log, stop_after_epoch=r),
-                                  last_epoch_rate(ce_cfg.run_dir()))[1],
-                 "kd_online": lambda r: (train(online_cfg, progress=False, log=log, stop_after_epoch=r),
-                                         last_epoch_rate(online_cfg.run_dir()))[1],
-                 "kd_cached": lambda r: (train(cached_cfg, progress=False, log=log, stop_after_epoch=r),
-                                         last_epoch_rate(cached_cfg.run_dir()))[1],
-                 "conventional": lambda r: conventional.epoch()}
+        def kdlab_epoch(cfg):
+            def run(round_: int) -> float:
+                train(cfg, progress=False, log=log, stop_after_epoch=round_)
+                return last_epoch_rate(cfg.run_dir())
+            return run
+
+        timed = {"ce": kdlab_epoch(ce_cfg), "kd_online": kdlab_epoch(online_cfg),
+                 "kd_cached": kdlab_epoch(cached_cfg), "conventional": lambda round_: conventional.epoch()}
         epochs = {key: [] for key in timed}
         relative = {key: [] for key in timed}  # rate / mean of the floors just before and after
         floors = [floor.measure()]
@@ -254,7 +254,8 @@ def main() -> int:
                 epochs[key].append(rate)
                 relative[key].append(rate / ((floors[-2] + floors[-1]) / 2))
             print(f"  round {round_}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in epochs.items())
-                  + f" img/s; floor {min(floors[-4:]):.1f}–{max(floors[-4:]):.1f}", flush=True)
+                  + f" img/s; floor {min(floors[-len(timed) - 1:]):.1f}–{max(floors[-len(timed) - 1:]):.1f}",
+                  flush=True)
 
     # The machine's speed drifts (±20% within minutes here): each epoch is divided by the
     # floor measured around it, and the best relative epoch after round 1 counts.

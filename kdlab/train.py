@@ -133,7 +133,7 @@ class _Teachers:
         """Float32 logits on the teachers' device of a prepared batch (moved there if needed)."""
         x = x.to(self.device, non_blocking=True)
         with _autocast(bf16, self.device.type):
-            return ensemble_logits([m(x).float() for m in self.models])
+            return ensemble_logits([m(x) for m in self.models])
 
     def predict(self, data: Dataset, x: torch.Tensor, batch_size: int, channels_last: bool = False) -> torch.Tensor:
         return ensemble_logits([predict(m, data, x, batch_size, channels_last=channels_last) for m in self.models])
