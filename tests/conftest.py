@@ -63,3 +63,10 @@ def cifar10_dir(tmp_path):
 @pytest.fixture
 def cifar100_dir(tmp_path):
     return write_cifar(tmp_path / "cifar-100-python", 100, n_per_file=60)
+
+
+def write_cifar_batch(path: Path, data, labels, key: bytes = b"fine_labels") -> None:
+    """One CIFAR python-pickle batch with the given 'data' and labels (any values: for
+    malformed-file tests)."""
+    with open(path, "wb") as handle:
+        pickle.dump({b"data": data, key: labels, b"batch_label": b"x"}, handle, protocol=2)

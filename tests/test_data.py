@@ -1,17 +1,21 @@
+import gzip
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kdlab.data
 from kdlab.config import DataConfig
-from kdlab.data import add_label_noise, get_augmentation, load_dataset
+from kdlab.data import add_label_noise, check_data_source, get_augmentation, load_dataset
+from kdlab.data import sources
 from kdlab.data.sources import FASHION_MNIST_DEBIAN_DIR, load_cifar_arrays, load_idx_arrays, read_idx
-from kdlab.errors import DataError
+from kdlab.errors import ConfigError, DataError
 
-from conftest import write_cifar, write_idx, write_idx_dataset
+from conftest import write_cifar, write_cifar_batch, write_idx, write_idx_dataset
 
 
 def test_view_counts():
@@ -159,3 +163,272 @@ def test_fashion_mnist_found_automatically():
     ds = load_dataset(DataConfig(name="fashion-mnist"))
     assert len(ds.train_y) == 50000 and len(ds.val_y) == 10000 and len(ds.test_y) == 10000
     assert ds.input_shape == (1, 28, 28) and ds.train_x.dtype == torch.uint8
+
+
+# --- malformed files: every one is a one-line DataError/ConfigError naming the file or key ---
+
+IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+
+
+def _edit(name, change):
+    """A breaker: rewrite ``root/name`` as ``change(its bytes)``."""
+    def breaker(root):
+        (root / name).write_bytes(change((root / name).read_bytes()))
+    return breaker
+
+
+def _replace_idx(name, array):
+    """A breaker: ``root/name`` becomes a well-formed IDX file holding ``array``."""
+    return lambda root: write_idx(root / name, array)
+
+
+def _idx_header(code, dims):
+    return bytes([0, 0, code, len(dims)]) + struct.pack(f">{len(dims)}i", *dims)
+
+
+def _gzip_instead(name, change):
+    """A breaker: ``root/name`` replaced by ``name.gz`` whose compressed bytes pass through ``change``."""
+    def breaker(root):
+        data = gzip.compress((root / name).read_bytes())
+        (root / name).unlink()
+        (root / f"{name}.gz").write_bytes(change(data))
+    return breaker
+
+
+def _flip_middle(data):
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:]
+
+
+def _cifar(name, data=None, labels=None, key=b"fine_labels"):
+    """A breaker: ``root/name`` becomes a CIFAR-100 batch of 12 images with ``data``/``labels`` swapped in."""
+    def breaker(root):
+        rng = np.random.default_rng(1)
+        write_cifar_batch(root / name,
+                          rng.integers(0, 256, (12, 3072), dtype=np.uint8) if data is None else data,
+                          [i % 100 for i in range(12)] if labels is None else labels, key)
+    return breaker
+
+
+def _delete(name):
+    return lambda root: (root / name).unlink()
+
+
+U8 = np.uint8
+BROKEN = [
+    # IDX (uncompressed valid set: 40 training, 20 test images of 28×28)
+    pytest.param("mnist", _edit(IMAGES, lambda d: b"\x01\x02\x03\x04" + d[4:]), DataError,
+                 [IMAGES, "bad magic number"], id="idx-bad-magic"),
+    pytest.param("mnist", _edit(LABELS, lambda d: d[:2]), DataError,
+                 [LABELS, "shorter than the 4-byte magic"], id="idx-shorter-than-magic"),
+    pytest.param("mnist", _edit(IMAGES, lambda d: d[:9]), DataError,
+                 [IMAGES, "header cut short", "need 12 bytes, only 5"], id="idx-header-cut-short"),
+    pytest.param("mnist", _edit(IMAGES, lambda d: bytes([0, 0, 8, 0]) + d[16:]), DataError,
+                 [IMAGES, "0 dimensions"], id="idx-ndim-0"),
+    pytest.param("mnist", _edit(IMAGES, lambda d: _idx_header(8, (-40, 28, 28)) + d[16:]), DataError,
+                 [IMAGES, "(-40, 28, 28)", "must be positive"], id="idx-negative-dim"),
+    pytest.param("mnist", _edit(TEST_LABELS, lambda d: _idx_header(8, (0,))), DataError,
+                 [TEST_LABELS, "(0,)", "must be positive"], id="idx-zero-dim"),
+    pytest.param("mnist", _edit(IMAGES, lambda d: d[:-1]), DataError,
+                 [IMAGES, "holds only 31,359", "truncated"], id="idx-body-short"),
+    pytest.param("mnist", _edit(IMAGES, lambda d: d + bytes(10)), DataError,
+                 [IMAGES, "holds 31,370", "trailing data"], id="idx-body-long"),
+    pytest.param("mnist", _edit(IMAGES, lambda d: _idx_header(8, (2**31 - 1,) * 3) + d[16:]), DataError,
+                 [IMAGES, "(2147483647, 2147483647, 2147483647)", "truncated"], id="idx-absurd-dims"),
+    pytest.param("mnist", _edit(IMAGES, lambda d: bytes([0, 0, 0x42, 3]) + d[4:]), DataError,
+                 [IMAGES, "unknown IDX data type 0x42"], id="idx-unknown-type"),
+    pytest.param("mnist", _gzip_instead(TEST_IMAGES, lambda d: d[: len(d) // 2]), DataError,
+                 [TEST_IMAGES + ".gz", "corrupt or truncated gzip", "EOFError"], id="gzip-truncated"),
+    pytest.param("mnist", _gzip_instead(TEST_IMAGES, _flip_middle), DataError,
+                 [TEST_IMAGES + ".gz", "corrupt or truncated gzip"], id="gzip-corrupt"),
+    pytest.param("mnist", _gzip_instead(LABELS, lambda d: d[:-8] + bytes(4) + d[-4:]), DataError,
+                 [LABELS + ".gz", "corrupt or truncated gzip", "CRC"], id="gzip-bad-crc"),
+    pytest.param("mnist", _replace_idx(IMAGES, np.zeros((40, 784), U8)), DataError,
+                 [IMAGES, "3 dimensions", "(40, 784)"], id="idx-images-2d"),
+    pytest.param("mnist", _replace_idx(IMAGES, np.zeros((40, 28, 28), np.float32)), DataError,
+                 [IMAGES, "unsigned bytes", "float32"], id="idx-images-float"),
+    pytest.param("mnist", _replace_idx(LABELS, np.zeros((40, 1), U8)), DataError,
+                 [LABELS, "1 dimension", "(40, 1)"], id="idx-labels-2d"),
+    pytest.param("mnist", _replace_idx(LABELS, np.zeros(40, np.float32)), DataError,
+                 [LABELS, "integers", "float32"], id="idx-labels-float"),
+    pytest.param("mnist", _replace_idx(TEST_LABELS, np.zeros(19, U8)), DataError,
+                 [TEST_IMAGES, "20 images", TEST_LABELS, "19 labels"], id="idx-label-count"),
+    pytest.param("fashion-mnist", _replace_idx(TEST_LABELS, np.array([12] + [0] * 19, U8)), DataError,
+                 ["fashion-mnist: test labels outside 0..9 (found 12)"], id="idx-test-labels-range"),
+    pytest.param("mnist", _replace_idx(LABELS, np.array([0] * 39 + [10], U8)), DataError,
+                 ["mnist: training labels outside 0..9 (found 10)"], id="idx-train-labels-range"),
+    pytest.param("mnist", _replace_idx(TEST_IMAGES, np.zeros((20, 32, 32), U8)), DataError,
+                 ["training inputs have shape (1, 28, 28) but test inputs (1, 32, 32)"], id="idx-sizes-differ"),
+    pytest.param("mnist", _delete(TEST_LABELS), DataError,
+                 ["missing dataset file(s)", TEST_LABELS], id="idx-missing-file"),
+    # CIFAR-100 (valid set: 12 training, 12 test images)
+    pytest.param("cifar100", _cifar("train", data=np.zeros((12, 3000), U8)), DataError,
+                 ["cifar-100-python/train", "'data' has shape (12, 3000)", "3072"], id="cifar-data-not-3072"),
+    pytest.param("cifar100", _cifar("train", data=np.zeros(5000, U8)), DataError,
+                 ["cifar-100-python/train", "'data' has shape (5000,)"], id="cifar-data-flat"),
+    pytest.param("cifar100", _cifar("train", data=np.full((12, 3072), 300)), DataError,
+                 ["cifar-100-python/train", "bytes 0..255", "300"], id="cifar-data-not-bytes"),
+    pytest.param("cifar100", _cifar("train", labels=list(range(11))), DataError,
+                 ["cifar-100-python/train", "'fine_labels' holds 11 labels for 12 images"], id="cifar-label-count"),
+    pytest.param("cifar100", _cifar("train", labels=[0.5] * 12), DataError,
+                 ["cifar-100-python/train", "'fine_labels' must be a list of integers", "float64"],
+                 id="cifar-labels-float"),
+    pytest.param("cifar100", _cifar("test", labels=[3] * 11 + [100]), DataError,
+                 ["cifar-100-python/test", "'fine_labels' outside 0..99 (found 100)"], id="cifar-test-labels-range"),
+    pytest.param("cifar100", _cifar("test", labels=[0] * 12, key=b"labels"), DataError,
+                 ["cifar-100-python/test", "without 'fine_labels'"], id="cifar-missing-key"),
+    pytest.param("cifar100", _cifar("test", data=np.zeros((0, 3072), U8), labels=[]), DataError,
+                 ["cifar100: the test split is empty"], id="cifar-empty-test"),
+    pytest.param("cifar100", _edit("test", lambda d: d[: len(d) // 2]), DataError,
+                 ["cifar-100-python/test", "not a readable CIFAR batch"], id="cifar-truncated-pickle"),
+    pytest.param("cifar100", _delete("test"), DataError,
+                 ["missing dataset file(s)", "cifar-100-python", ": test"], id="cifar-missing-file"),
+]
+
+
+def _valid_root(tmp_path, dataset):
+    if dataset == "cifar100":
+        return write_cifar(tmp_path / "cifar-100-python", 100, n_per_file=12)
+    return write_idx_dataset(tmp_path / dataset, compress=False)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar100"])
+def test_unbroken_roots_of_the_broken_cases_load(tmp_path, dataset):
+    ds = load_dataset(DataConfig(name=dataset, root=str(_valid_root(tmp_path, dataset)), val_size=5))
+    assert len(ds.train_y) + len(ds.val_y) == (40 if dataset == "mnist" else 12)
+
+
+@pytest.mark.parametrize("dataset, breaker, error, fragments", BROKEN)
+def test_broken_files_give_one_line_errors(tmp_path, dataset, breaker, error, fragments):
+    root = _valid_root(tmp_path, dataset)
+    breaker(root)
+    with pytest.raises(error) as info:
+        load_dataset(DataConfig(name=dataset, root=str(root), val_size=5))
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# --- augmentations that do not fit the data: a ConfigError at load time ---
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "shift2"])
+def test_height_padding_on_mnist1d_is_a_config_error(augment):
+    with pytest.raises(ConfigError) as info:
+        load_dataset(DataConfig(name="mnist1d", num_samples=500, val_size=50, augment=augment))
+    assert str(info.value) == (f"config key 'data.augment': {augment} pads images in height but mnist1d gives "
+                               "1-D signals of shape (1, 40); use shift1d or none")
+
+
+def test_shift1d_on_images_is_a_config_error(tmp_path):
+    root = write_idx_dataset(tmp_path / "mnist")
+    with pytest.raises(ConfigError, match=r"^config key 'data.augment': shift1d shifts 1-D signals but mnist "
+                                          r"gives images of shape \(1, 28, 28\); use shift2, crop_flip or none$"):
+        load_dataset(DataConfig(name="mnist", root=str(root), val_size=5, augment="shift1d"))
+
+
+@pytest.mark.parametrize("name, shape, problem", [
+    ("crop_flip", (3, 4, 4), "pads images by 4×4 pixels but digits gives images of only 4×4"),
+    ("shift2", (1, 28, 2), "pads images by 2×2 pixels but digits gives images of only 28×2"),
+    ("shift1d", (1, 4), "shifts by up to 4 positions but digits gives signals of length 4"),
+    ("shift2", (28, 28), "pads images in height"),
+    ("crop_flip", (3, 32, 32, 2), "needs images (C, H, W) or 1-D signals (C, L)"),
+])
+def test_augmentation_check_refuses(name, shape, problem):
+    with pytest.raises(ConfigError, match="config key 'data.augment'") as info:
+        get_augmentation(name).check(shape, "digits")
+    assert problem in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("crop_flip", (3, 32, 32)), ("crop_flip", (1, 8, 8)), ("shift2", (1, 28, 28)), ("shift1d", (1, 40)),
+    ("shift1d", (1, 5)), ("none", (1, 40)), ("none", (3, 2, 2)), ("none", (7,)),
+])
+def test_augmentation_check_accepts(name, shape):
+    get_augmentation(name).check(shape, "data")
+
+
+# --- MNIST-1D size guard: refused before generating anything ---
+
+
+def test_mnist1d_size_guard_refuses_before_generating(monkeypatch):
+    import mnist1d.data
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the guard must refuse before generating")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", no_generation)
+    expected = (r"^config key 'data.num_samples': 10,000,000 MNIST-1D examples would take ~2 h to generate "
+                r"\(about 1,400/s here\); at most 1,000,000$")
+    with pytest.raises(ConfigError, match=expected):
+        load_dataset(DataConfig(name="mnist1d", num_samples=10_000_000))
+    with pytest.raises(ConfigError, match=expected):
+        check_data_source(DataConfig(name="mnist1d", num_samples=10_000_000))
+    with pytest.raises(ConfigError, match=r"1,000,001 MNIST-1D examples would take ~12 min"):
+        sources.load_mnist1d_arrays(sources.MNIST1D_MAX_SAMPLES + 1, seed=3)
+    sources.check_mnist1d_size(sources.MNIST1D_MAX_SAMPLES)  # the limit itself is allowed
+    check_data_source(DataConfig(name="mnist1d", num_samples=5000))
+
+
+# --- check_data_source: what is missing, without reading anything ---
+
+
+def test_check_data_source_unset_or_missing_root(tmp_path):
+    with pytest.raises(DataError) as info:
+        check_data_source(DataConfig(name="cifar100"))
+    assert str(info.value) == ("cifar100: data.root is not set (a folder of the CIFAR-100 python pickles: train, "
+                               "test); set it, e.g. --set data.root=/path/to/cifar-100-python")
+    with pytest.raises(DataError, match=r"^mnist: data.root is not set \(a folder of the IDX files: "
+                                        r"train-images-idx3-ubyte, .*each optionally .gz\); set it"):
+        check_data_source(DataConfig(name="mnist"))
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=f"^cifar10: data directory {missing} does not exist "
+                                        r"\(data.root must be a folder of the CIFAR-10 python pickles: "
+                                        r"data_batch_1, .*, test_batch\)$"):
+        check_data_source(DataConfig(name="cifar10", root=str(missing)))
+
+
+def test_check_data_source_fashion_mnist_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(kdlab.data, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "absent")
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist` or set data.root"):
+        check_data_source(DataConfig(name="fashion-mnist"))
+    monkeypatch.setattr(kdlab.data, "FASHION_MNIST_DEBIAN_DIR", write_idx_dataset(tmp_path / "debian"))
+    check_data_source(DataConfig(name="fashion-mnist"))
+
+
+def test_check_data_source_names_missing_files(tmp_path):
+    root = write_cifar(tmp_path / "cifar-10-batches-py", 10)
+    (root / "data_batch_3").unlink()
+    (root / "test_batch").unlink()
+    with pytest.raises(DataError) as info:
+        check_data_source(DataConfig(name="cifar10", root=str(root)))
+    assert str(info.value).startswith(f"cifar10: missing dataset file(s) in {root}: data_batch_3, test_batch (")
+    # the loader, called directly, gives the same message from the same helper (less the dataset name)
+    with pytest.raises(DataError) as direct:
+        load_cifar_arrays(root, 10)
+    assert "cifar10: " + str(direct.value) == str(info.value)
+
+
+def test_check_data_source_does_not_read_files(tmp_path):
+    cifar = tmp_path / "cifar-100-python"
+    cifar.mkdir()
+    for name in ("train", "test"):
+        (cifar / name).write_bytes(b"garbage")  # present: the check passes; reading them would fail
+    check_data_source(DataConfig(name="cifar100", root=str(cifar)))
+    with pytest.raises(DataError, match="not a readable CIFAR batch"):
+        load_dataset(DataConfig(name="cifar100", root=str(cifar)))
+    idx = tmp_path / "mnist"
+    idx.mkdir()
+    for name in (IMAGES, LABELS, TEST_IMAGES + ".gz", TEST_LABELS + ".gz"):  # either spelling counts
+        (idx / name).write_bytes(b"")
+    check_data_source(DataConfig(name="mnist", root=str(idx)))
+
+
+def test_check_data_source_builtin_datasets(monkeypatch):
+    check_data_source(DataConfig(name="digits"))
+    check_data_source(DataConfig(name="mnist1d"))
+    monkeypatch.setitem(sources.OPTIONAL_PACKAGES, "digits", ("kdlab_no_such_module", "digits needs it"))
+    with pytest.raises(DataError, match="^digits needs it$"):
+        check_data_source(DataConfig(name="digits"))

@@ -17,6 +17,11 @@ from ..errors import DataError
 from .augment import AUGMENTATIONS, Augmentation, get_augmentation
 from .sources import (
     FASHION_MNIST_DEBIAN_DIR,
+    FILE_LAYOUTS,
+    OPTIONAL_PACKAGES,
+    check_dataset_dir,
+    check_mnist1d_size,
+    check_package,
     load_cifar_arrays,
     load_digits_arrays,
     load_idx_arrays,
@@ -33,7 +38,8 @@ DATASETS = {
     "cifar100": ("crop_flip", 100),
 }
 
-__all__ = ["Dataset", "load_dataset", "add_label_noise", "Augmentation", "get_augmentation", "AUGMENTATIONS", "DATASETS"]
+__all__ = ["Dataset", "load_dataset", "check_data_source", "add_label_noise", "Augmentation", "get_augmentation",
+           "AUGMENTATIONS", "DATASETS"]
 
 
 @dataclass
@@ -103,33 +109,79 @@ def add_label_noise(labels: np.ndarray, num_classes: int, rate: float, kind: str
     return labels, chosen
 
 
+def _data_root(cfg) -> Path:
+    """data.root, or Debian's Fashion-MNIST folder when it is unset and installed;
+    a DataError saying what to set otherwise (nothing is read)."""
+    if cfg.root:
+        return Path(cfg.root)
+    layout = FILE_LAYOUTS[cfg.name]
+    if cfg.name == "fashion-mnist":
+        if FASHION_MNIST_DEBIAN_DIR.is_dir():
+            return FASHION_MNIST_DEBIAN_DIR
+        raise DataError(f"fashion-mnist: data.root is not set and Debian's copy is not at {FASHION_MNIST_DEBIAN_DIR}; "
+                        f"`apt-get install dataset-fashion-mnist` or set data.root ({layout.describe()})")
+    raise DataError(f"{cfg.name}: data.root is not set ({layout.describe()}); set it, "
+                    f"e.g. --set data.root=/path/to/{layout.folder or cfg.name}")
+
+
+def check_data_source(cfg) -> None:
+    """Cheap check that what a :class:`kdlab.config.DataConfig` needs is there, without
+    reading or decoding any dataset file: a known dataset name; for built-in datasets the
+    optional package (importable, not imported) and, for MNIST-1D, a ``data.num_samples``
+    that can be generated in reasonable time (ConfigError); for file datasets, data.root
+    (or Debian's Fashion-MNIST) and every file the loader will open, by the same names.
+    DataError with what is missing and how to fix it; a sweep calls this for each data
+    config before writing anything."""
+    if cfg.name not in DATASETS:
+        raise DataError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
+    if cfg.name in OPTIONAL_PACKAGES:
+        check_package(cfg.name)
+    if cfg.name == "mnist1d":
+        check_mnist1d_size(cfg.num_samples)
+    if cfg.name in FILE_LAYOUTS:
+        check_dataset_dir(_data_root(cfg), FILE_LAYOUTS[cfg.name], cfg.name)
+
+
 def _read_arrays(cfg):
+    """(train_x, train_y, test_x, test_y) of the dataset; check_data_source(cfg) has passed."""
     if cfg.name == "digits":
         return load_digits_arrays(seed=cfg.split_seed)
     if cfg.name == "mnist1d":
         return load_mnist1d_arrays(cfg.num_samples, seed=cfg.generator_seed)
     if cfg.name in ("mnist", "fashion-mnist"):
-        root = cfg.root or (FASHION_MNIST_DEBIAN_DIR if cfg.name == "fashion-mnist" else None)
-        if root is None:
-            raise DataError("data.root is required for mnist (a directory of IDX files)")
-        if not Path(root).is_dir() and cfg.name == "fashion-mnist" and not cfg.root:
-            raise DataError(
-                f"Fashion-MNIST not found at {root}: `apt-get install dataset-fashion-mnist` or set data.root"
-            )
-        return load_idx_arrays(root)
-    if cfg.name in ("cifar10", "cifar100"):
-        if not cfg.root:
-            raise DataError(f"data.root is required for {cfg.name} (the folder of python-pickle batches)")
-        return load_cifar_arrays(cfg.root, 10 if cfg.name == "cifar10" else 100)
-    raise DataError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
+        return load_idx_arrays(_data_root(cfg))
+    return load_cifar_arrays(_data_root(cfg), DATASETS[cfg.name][1])
+
+
+def _check_labels(name: str, split: str, y: np.ndarray, num_classes: int) -> None:
+    """A split is not empty and its labels are in 0..num_classes-1 (the first bad one is named)."""
+    if len(y) == 0:
+        raise DataError(f"{name}: the {split} split is empty")
+    bad = y[(y < 0) | (y >= num_classes)]
+    if bad.size:
+        raise DataError(f"{name}: {split} labels outside 0..{num_classes - 1} (found {bad[0]})")
+
+
+def _check_arrays(name: str, num_classes: int, train_x, train_y, test_x, test_y) -> None:
+    """Both splits non-empty with labels in range (so the validation split too, taken from
+    train), and train and test inputs of one shape."""
+    _check_labels(name, "training", train_y, num_classes)
+    _check_labels(name, "test", test_y, num_classes)
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(f"{name}: training inputs have shape {tuple(train_x.shape[1:])} "
+                        f"but test inputs {tuple(test_x.shape[1:])}")
 
 
 def load_dataset(cfg) -> Dataset:
-    """Build the dataset a :class:`kdlab.config.DataConfig` describes."""
-    default_aug, num_classes = DATASETS.get(cfg.name, (None, None))
+    """Build the dataset a :class:`kdlab.config.DataConfig` describes. Checked first:
+    the source (check_data_source), then the arrays (_check_arrays) and that the
+    augmentation fits their shape (Augmentation.check, a ConfigError on data.augment)."""
+    check_data_source(cfg)
+    default_aug, num_classes = DATASETS[cfg.name]
     train_x, train_y, test_x, test_y = _read_arrays(cfg)
-    if train_y.size and (train_y.min() < 0 or train_y.max() >= num_classes):
-        raise DataError(f"{cfg.name}: labels outside 0..{num_classes - 1}")
+    _check_arrays(cfg.name, num_classes, train_x, train_y, test_x, test_y)
+    augmentation = get_augmentation(default_aug if cfg.augment == "auto" else cfg.augment)
+    augmentation.check(train_x.shape[1:], cfg.name)
     val_size = cfg.val_size
     if val_size is None:
         val_size = len(train_y) // 10 if cfg.name in ("digits", "mnist1d") else 10000
@@ -151,13 +203,12 @@ def load_dataset(cfg) -> Dataset:
     axes = (0,) + tuple(range(2, as_float.ndim))
     mean = torch.from_numpy(as_float.mean(axis=axes))
     std = torch.from_numpy(as_float.std(axis=axes)).clamp_min(1e-6)
-    aug_name = default_aug if cfg.augment == "auto" else cfg.augment
     t = torch.from_numpy
     return Dataset(
         name=cfg.name, num_classes=num_classes,
         train_x=t(np.array(train_x)), train_y=t(np.array(train_y)),
         val_x=t(np.array(val_x)), val_y=t(np.array(val_y)),
         test_x=t(np.array(test_x)), test_y=t(np.array(test_y)),
-        augmentation=get_augmentation(aug_name), mean=mean, std=std,
+        augmentation=augmentation, mean=mean, std=std,
         noisy_indices=noisy, clean_train_y=clean_train_y,
     )

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -23,10 +25,40 @@ class Augmentation:
     pad_h: int = 0
     pad_w: int = 0
     flip: bool = False
+    one_d: bool = False  # made for 1-D signals (C, L): refused on images
 
     @property
     def num_views(self) -> int:
         return (2 * self.pad_h + 1) * (2 * self.pad_w + 1) * (2 if self.flip else 1)
+
+    def check(self, input_shape: tuple[int, ...], source: str = "the data") -> None:
+        """ConfigError naming ``data.augment`` unless this augmentation fits inputs of
+        ``input_shape`` (one example, e.g. (1, 40) or (3, 32, 32)) from ``source``:
+        padding height needs images (C, H, W), a 1-D shift needs signals (C, L), and the
+        padding must be smaller than the input. ``none`` fits anything."""
+        problem = self._mismatch(tuple(int(n) for n in input_shape), source)
+        if problem:
+            raise ConfigError(f"config key 'data.augment': {problem}")
+
+    def _mismatch(self, shape: tuple[int, ...], source: str) -> str | None:
+        """What is wrong with applying this augmentation to inputs of ``shape``, or None."""
+        if self.num_views == 1:
+            return None
+        name = self.name
+        if len(shape) not in (2, 3):
+            return f"{name} needs images (C, H, W) or 1-D signals (C, L) but {source} gives shape {shape}; use none"
+        if len(shape) == 2 and self.pad_h:
+            return f"{name} pads images in height but {source} gives 1-D signals of shape {shape}; use shift1d or none"
+        if len(shape) == 3 and self.one_d:
+            return (f"{name} shifts 1-D signals but {source} gives images of shape {shape}; "
+                    "use shift2, crop_flip or none")
+        if len(shape) == 2 and self.pad_w >= shape[1]:
+            return (f"{name} shifts by up to {self.pad_w} positions but {source} gives signals of length "
+                    f"{shape[1]} (shape {shape}); use none")
+        if len(shape) == 3 and (self.pad_h >= shape[1] or self.pad_w >= shape[2]):
+            return (f"{name} pads images by {self.pad_h}×{self.pad_w} pixels but {source} gives images of only "
+                    f"{shape[1]}×{shape[2]} (shape {shape}); use none")
+        return None
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniformly random view ids, shape (B,), int64."""
@@ -64,7 +96,7 @@ AUGMENTATIONS = {
     "none": Augmentation("none"),
     "crop_flip": Augmentation("crop_flip", pad_h=4, pad_w=4, flip=True),  # CIFAR standard
     "shift2": Augmentation("shift2", pad_h=2, pad_w=2),  # ±2 px, Müller A.5 (MNIST)
-    "shift1d": Augmentation("shift1d", pad_w=4),  # ±4 positions along a 1-D signal
+    "shift1d": Augmentation("shift1d", pad_w=4, one_d=True),  # ±4 positions along a 1-D signal
 }
 
 

@@ -1,19 +1,106 @@
 """Readers for the dataset formats kdlab knows. Each returns numpy arrays
-(train_x, train_y, test_x, test_y); images are uint8 (N, C, H, W), signals float32."""
+(train_x, train_y, test_x, test_y); images are uint8 (N, C, H, W), signals float32.
+
+Every reader checks a file's structure before using it and raises a one-line
+:class:`~kdlab.errors.DataError` naming the file and the problem (never a traceback):
+IDX headers and body sizes, gzip streams, CIFAR batch keys, shapes and label types.
+"""
 
 from __future__ import annotations
 
 import functools
 import gzip
-import io
+import importlib.util
+import math
 import pickle
+import struct
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception, whitespace collapsed to one line."""
+    message = " ".join(str(err).split())
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+# --- which files each format needs (shared by the loaders and check_data_source) ---
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """The files a dataset folder must hold. ``gz_ok``: each may also be ``name.gz``."""
+
+    what: str  # e.g. "CIFAR-100 python pickles"
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    gz_ok: bool = False
+    folder: str = ""  # the usual folder name, for the examples in messages
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self.train + self.test
+
+    def describe(self) -> str:
+        """e.g. ``a folder of the CIFAR-100 python pickles: train, test``."""
+        return f"a folder of the {self.what}: {', '.join(self.files)}" + (", each optionally .gz" if self.gz_ok else "")
+
+    def find(self, root: Path, name: str) -> Path | None:
+        """The file ``name`` in ``root`` (``name.gz`` too when allowed), or None."""
+        for candidate in (name, name + ".gz") if self.gz_ok else (name,):
+            if (root / candidate).is_file():
+                return root / candidate
+        return None
+
+
+IDX_LAYOUT = FileLayout(
+    "IDX files", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), gz_ok=True)
+CIFAR_LAYOUTS = {
+    10: FileLayout("CIFAR-10 python pickles", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                   folder="cifar-10-batches-py"),
+    100: FileLayout("CIFAR-100 python pickles", ("train",), ("test",), folder="cifar-100-python"),
+}
+CIFAR_LABEL_KEYS = {10: "labels", 100: "fine_labels"}
+FILE_LAYOUTS = {"mnist": IDX_LAYOUT, "fashion-mnist": IDX_LAYOUT, "cifar10": CIFAR_LAYOUTS[10],
+                "cifar100": CIFAR_LAYOUTS[100]}
+
+# dataset: (module it needs, message when that module is missing)
+OPTIONAL_PACKAGES = {
+    "digits": ("sklearn", "the digits dataset needs scikit-learn: pip install 'kdlab[demo]'"),
+    "mnist1d": ("mnist1d", "MNIST-1D needs the mnist1d package: pip install 'kdlab[demo]'"),
+}
+
+
+def check_dataset_dir(root: str | Path, layout: FileLayout, dataset: str = "") -> Path:
+    """``root`` is a directory holding every file of ``layout`` (only their existence is
+    checked; nothing is opened). Returns ``root`` as a Path; DataError otherwise."""
+    root, prefix = Path(root), f"{dataset}: " if dataset else ""
+    if not root.is_dir():
+        state = "is not a directory" if root.exists() else "does not exist"
+        raise DataError(f"{prefix}data directory {root} {state} (data.root must be {layout.describe()})")
+    missing = [name for name in layout.files if layout.find(root, name) is None]
+    if missing:
+        raise DataError(f"{prefix}missing dataset file(s) in {root}: {', '.join(missing)} "
+                        f"(data.root must be {layout.describe()})")
+    return root
+
+
+def check_package(dataset: str) -> None:
+    """The optional package a built-in dataset needs is importable (not imported)."""
+    module, message = OPTIONAL_PACKAGES[dataset]
+    if importlib.util.find_spec(module) is None:
+        raise DataError(message)
+
+
+# --- built-in datasets ---
 
 
 def load_digits_arrays(test_size: int = 297, seed: int = 0):
@@ -22,7 +109,7 @@ def load_digits_arrays(test_size: int = 297, seed: int = 0):
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DataError("the digits dataset needs scikit-learn: pip install 'kdlab[demo]'") from None
+        raise DataError(OPTIONAL_PACKAGES["digits"][1]) from None
 
     bunch = load_digits()
     images = np.clip(bunch.images * 16, 0, 255).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
@@ -32,16 +119,37 @@ def load_digits_arrays(test_size: int = 297, seed: int = 0):
     return images[train], labels[train], images[test], labels[test]
 
 
+# mnist1d's make_dataset is pure Python: measured ~1,450 examples/s (2,000 and 8,000
+# examples, one core of a 2-core x86 VM), linear in num_samples. 1,000,000 takes ~12 min.
+MNIST1D_RATE = 1400  # examples per second, rounded down
+MNIST1D_MAX_SAMPLES = 1_000_000
+
+
+def _duration(seconds: float) -> str:
+    return f"~{seconds / 3600:.0f} h" if seconds >= 5400 else f"~{max(1, round(seconds / 60))} min"
+
+
+def check_mnist1d_size(num_samples: int) -> None:
+    """``data.num_samples`` small enough to generate in reasonable time (ConfigError
+    saying how long it would take otherwise); checked before generating anything."""
+    if num_samples > MNIST1D_MAX_SAMPLES:
+        raise ConfigError(
+            f"config key 'data.num_samples': {num_samples:,} MNIST-1D examples would take "
+            f"{_duration(num_samples / MNIST1D_RATE)} to generate (about {MNIST1D_RATE:,}/s here); "
+            f"at most {MNIST1D_MAX_SAMPLES:,}")
+
+
 @functools.lru_cache(maxsize=4)
 def load_mnist1d_arrays(num_samples: int = 5000, seed: int = 42):
     """MNIST-1D (Greydanus 2020) generated locally by the ``mnist1d`` package (never its
     download path). Its own 80/20 train/test split; signals (N, 1, 40) float32.
-    Generation takes ~1 s per 1,000 examples, so results are cached in the process
-    (read-only arrays: callers copy what they change)."""
+    Generation takes ~0.7 s per 1,000 examples (at most MNIST1D_MAX_SAMPLES), so results
+    are cached in the process (read-only arrays: callers copy what they change)."""
+    check_mnist1d_size(num_samples)
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
-        raise DataError("MNIST-1D needs the mnist1d package: pip install 'kdlab[demo]'") from None
+        raise DataError(OPTIONAL_PACKAGES["mnist1d"][1]) from None
 
     args = get_dataset_args()
     args.num_samples, args.seed = int(num_samples), int(seed)
@@ -57,48 +165,123 @@ def load_mnist1d_arrays(num_samples: int = 5000, seed: int = 42):
     return arrays
 
 
-def _open_maybe_gz(path: Path) -> bytes:
-    raw = path.read_bytes()
-    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+# --- IDX (MNIST, Fashion-MNIST) ---
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_CHUNK = 1 << 24  # bytes read at a time: memory follows what a file holds, not what its header claims
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """One IDX file (LeCun's MNIST format; gzipped or not): magic 0x0000 + dtype + ndim,
-    big-endian int32 dims, then the data."""
-    data = _open_maybe_gz(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if data[2] not in dtypes:
-        raise DataError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
-    ndim = data[3]
-    dims = np.frombuffer(data, ">i4", count=ndim, offset=4)
-    body = np.frombuffer(data, dtypes[data[2]], offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: IDX header says {tuple(dims)} but holds {body.size} values (truncated?)")
-    return body.reshape(tuple(int(d) for d in dims))
+def _open_maybe_gz(path: Path):
+    """A binary handle on ``path``, decompressing when it starts with the gzip magic."""
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
 
 
-def _find(root: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (root / name).is_file():
-            return root / name
-    raise DataError(f"missing dataset file {root / stem}[.gz]")
+def _read_idx_header(path: Path, handle) -> tuple[np.dtype, tuple[int, ...]]:
+    """The magic number (0x00 0x00, a known type code, ndim ≥ 1) and ndim dims, all > 0."""
+    magic = handle.read(4)
+    if len(magic) < 4:
+        raise DataError(f"{path}: not an IDX file ({len(magic)} bytes, shorter than the 4-byte magic number)")
+    if magic[:2] != b"\0\0":
+        raise DataError(f"{path}: not an IDX file (bad magic number 0x{magic.hex()})")
+    if magic[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: unknown IDX data type 0x{magic[2]:02x}")
+    ndim = magic[3]
+    if ndim == 0:
+        raise DataError(f"{path}: IDX header declares 0 dimensions")
+    raw_dims = handle.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{path}: IDX header cut short: {ndim} dimensions need {4 * ndim} bytes, "
+                        f"only {len(raw_dims)} follow the magic number")
+    dims = struct.unpack(f">{ndim}i", raw_dims)
+    if min(dims) <= 0:
+        raise DataError(f"{path}: IDX header declares shape {dims}; every dimension must be positive")
+    return np.dtype(_IDX_DTYPES[magic[2]]), dims
+
+
+def _read_up_to(handle, size: int) -> bytearray:
+    """At most ``size`` bytes, read in chunks, so an absurd ``size`` costs only what is there."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = handle.read(min(_CHUNK, size - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _count_rest(handle) -> int:
+    """Bytes left in ``handle`` (read and dropped in chunks; for gzip this also checks the CRC)."""
+    count = 0
+    while chunk := handle.read(_CHUNK):
+        count += len(chunk)
+    return count
+
+
+def _read_idx_body(path: Path, handle, dtype: np.dtype, dims: tuple[int, ...]) -> bytearray:
+    """Exactly prod(dims) values (sizes in Python ints: no overflow); fewer or more is an error."""
+    expected = math.prod(dims) * dtype.itemsize
+    body = _read_up_to(handle, expected)
+    if len(body) < expected:
+        raise DataError(f"{path}: IDX header says shape {dims} ({expected:,} bytes of data) "
+                        f"but the file holds only {len(body):,} (truncated?)")
+    extra = _count_rest(handle)
+    if extra:
+        raise DataError(f"{path}: IDX header says shape {dims} ({expected:,} bytes of data) "
+                        f"but the file holds {expected + extra:,} (trailing data or a wrong header)")
+    return body
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """One IDX file (LeCun's MNIST format; gzipped or not): 0x00 0x00, a type code, ndim,
+    then ndim big-endian int32 dims, then exactly prod(dims) values. The header is checked
+    before the body is read, and the body is read only up to the size the header declares;
+    a corrupt or truncated gzip stream is a DataError naming the file, like the rest."""
+    path = Path(path)
+    try:
+        with _open_maybe_gz(path) as handle:
+            dtype, dims = _read_idx_header(path, handle)
+            body = _read_idx_body(path, handle, dtype, dims)
+    except _GZIP_ERRORS as err:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({_one_line(err)})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({_one_line(err)})") from None
+    return np.frombuffer(body, dtype).reshape(dims)
+
+
+def _check_idx_pair(images_path: Path, images: np.ndarray, labels_path: Path, labels: np.ndarray) -> None:
+    """Images: unsigned bytes (N, rows, cols), any size; labels: N integers."""
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: images must have 3 dimensions (N, rows, cols), found shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise DataError(f"{images_path}: images must be unsigned bytes (IDX type 0x08), found {images.dtype.name}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: labels must have 1 dimension (N,), found shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{labels_path}: labels must be integers, found {labels.dtype.name}")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} holds {len(images):,} images but {labels_path} "
+                        f"holds {len(labels):,} labels")
 
 
 def load_idx_arrays(root: str | Path):
-    """MNIST / Fashion-MNIST IDX files in ``root``: train-images-idx3-ubyte[.gz], ..."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist")
+    """MNIST / Fashion-MNIST: the four IDX files of IDX_LAYOUT in ``root`` (each optionally
+    .gz). Images are unsigned bytes (N, rows, cols) of any size (28×28 for both datasets),
+    returned as (N, 1, rows, cols); labels N integers. Every file is checked (read_idx,
+    _check_idx_pair) and all must exist before any is read."""
+    root = check_dataset_dir(root, IDX_LAYOUT)
     arrays = []
-    for split in ("train", "t10k"):
-        images = read_idx(_find(root, f"{split}-images-idx3-ubyte"))
-        labels = read_idx(_find(root, f"{split}-labels-idx1-ubyte"))
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
-        arrays += [images.astype(np.uint8)[:, None], labels.astype(np.int64)]
+    for images_name, labels_name in (IDX_LAYOUT.train, IDX_LAYOUT.test):
+        images_path, labels_path = IDX_LAYOUT.find(root, images_name), IDX_LAYOUT.find(root, labels_name)
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        _check_idx_pair(images_path, images, labels_path, labels)
+        arrays += [images.astype(np.uint8, copy=False)[:, None], labels.astype(np.int64)]
     return tuple(arrays)
+
+
+# --- CIFAR python pickles ---
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -109,6 +292,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("__builtin__", "bytes"), ("builtins", "bytes"),  # protocol 2 writes b"" as bytes()
     }
 
     def find_class(self, module, name):
@@ -118,43 +302,75 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: Path) -> dict:
+    """One pickled CIFAR batch: a dict (bytes keys decoded to str). Truncated files,
+    non-pickles and pickles of anything but plain data are DataErrors naming the file."""
     try:
         with open(path, "rb") as handle:
             batch = _RestrictedUnpickler(handle, encoding="bytes").load()
-    except DataError:
-        raise
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
     except Exception as err:  # truncated or not a pickle
-        raise DataError(f"{path}: not a readable CIFAR batch ({type(err).__name__}: {err})") from None
+        raise DataError(f"{path}: not a readable CIFAR batch ({_one_line(err)})") from None
     if not isinstance(batch, dict):
         raise DataError(f"{path}: a CIFAR batch must be a dict, got {type(batch).__name__}")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    return {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _as_array(path: Path, key: str, value) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as err:  # e.g. ragged lists
+        raise DataError(f"{path}: '{key}' is not an array ({_one_line(err)})") from None
+
+
+def _cifar_images(path: Path, value) -> np.ndarray:
+    """'data': (N, 3072) integers in 0..255 (one 3×32×32 image per row) -> uint8 (N, 3, 32, 32)."""
+    data = _as_array(path, "data", value)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' has shape {data.shape} ({data.size:,} values); a CIFAR batch "
+                        f"holds one row of 3072 = 3×32×32 bytes per image")
+    if data.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'data' must hold bytes 0..255, found {data.dtype.name}")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{path}: 'data' must hold bytes 0..255, found {data.min()}..{data.max()}")
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+
+
+def _cifar_labels(path: Path, key: str, value, count: int, num_classes: int) -> np.ndarray:
+    """``key``: ``count`` integers in 0..num_classes-1 -> int64 (N,)."""
+    labels = _as_array(path, key, value)
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):  # [] reads as float64
+        raise DataError(f"{path}: '{key}' must be a list of integers, found {labels.dtype.name} "
+                        f"of shape {labels.shape}")
+    if len(labels) != count:
+        raise DataError(f"{path}: '{key}' holds {len(labels):,} labels for {count:,} images")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise DataError(f"{path}: '{key}' outside 0..{num_classes - 1} (found {bad[0]})")
+    return labels.astype(np.int64)
+
+
+def _read_cifar_file(path: Path, key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: its keys 'data' and ``key``, checked by _cifar_images/_cifar_labels."""
+    batch = read_cifar_batch(path)
+    missing = [name for name in ("data", key) if name not in batch]
+    if missing:
+        raise DataError(f"{path}: CIFAR batch without {' and '.join(repr(m) for m in missing)}")
+    images = _cifar_images(path, batch["data"])
+    return images, _cifar_labels(path, key, batch[key], len(images), num_classes)
 
 
 def load_cifar_arrays(root: str | Path, num_classes: int):
     """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test) python pickles
-    from ``root`` (the ``cifar-10-batches-py`` / ``cifar-100-python`` folder)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist")
-    if num_classes == 10:
-        train_files, test_files, key = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
-    else:
-        train_files, test_files, key = ["train"], ["test"], "fine_labels"
+    from ``root`` (the ``cifar-10-batches-py`` / ``cifar-100-python`` folder). All files
+    must exist before any is read; each is checked by _read_cifar_file."""
+    layout, key = CIFAR_LAYOUTS[num_classes], CIFAR_LABEL_KEYS[num_classes]
+    root = check_dataset_dir(root, layout)
 
-    def read(files):
-        xs, ys = [], []
-        for name in files:
-            path = root / name
-            if not path.is_file():
-                raise DataError(f"missing dataset file {path}")
-            batch = read_cifar_batch(path)
-            if "data" not in batch or key not in batch:
-                raise DataError(f"{path}: CIFAR batch without 'data' and '{key}'")
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            xs.append(data.reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[key], dtype=np.int64))
-        return np.concatenate(xs), np.concatenate(ys)
+    def read(names):
+        pairs = [_read_cifar_file(root / name, key, num_classes) for name in names]
+        return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
 
-    train_x, train_y = read(train_files)
-    test_x, test_y = read(test_files)
+    train_x, train_y = read(layout.train)
+    test_x, test_y = read(layout.test)
     return train_x, train_y, test_x, test_y
