@@ -1,6 +1,6 @@
 """Recipes: a paper's table or figure as a grid of runs, at two scales.
 
-A recipe YAML (``recipes/*.yaml``) names stages in dependency order. Each stage is a
+A recipe YAML (``kdlab/assets/recipes/*.yaml``) names stages in dependency order. Each stage is a
 base config plus *axes*: lists of labelled config changes whose cartesian product,
 times the seeds, gives the stage's runs. A stage may take its teachers from earlier
 stages: a teacher run matches a student run when their common axes carry the same
@@ -8,10 +8,15 @@ labels and (unless the teacher stage has a single seed) the same seed; ``ensembl
 true`` takes every matching teacher run (e.g. all seeds). Because a run dir is a pure
 function of its config, the whole grid, teachers' run dirs included, is known before
 anything trains: :func:`expand` returns it.
+
+The recipes and the example run configs (``kdlab/assets/configs/*.yaml``, ``kdlab train
+teacher-mnist1d``) are package data, found with :mod:`importlib.resources`, so an
+installed wheel has them as an editable checkout does.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import Config, apply_overrides, build_config, merge_dicts as _merge
 from .errors import ConfigError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _assets(kind: str) -> Path:
+    """A folder of packaged YAMLs (``recipes`` or ``configs``). pip installs packages as
+    files, so the resource is a real directory; a zip import is not supported."""
+    return Path(str(importlib.resources.files("kdlab").joinpath("assets", kind)))
+
+
+RECIPE_DIR = _assets("recipes")
+CONFIG_DIR = _assets("configs")
 
 
 class _Strict(BaseModel):
@@ -98,24 +111,56 @@ class RunSpec:
 
 
 def list_recipes(directory: Path = RECIPE_DIR) -> list[Path]:
+    """The packaged recipes (or the ``*.yaml`` of ``directory``), sorted by name."""
     return sorted(Path(directory).glob("*.yaml"))
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A packaged recipe by id (``kim-table2``), or the recipe YAML at a path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(p.stem for p in list_recipes())
-        raise ConfigError(f"unknown recipe {name_or_path!r}; known: {known}")
+        known = ", ".join(p.stem for p in list_recipes()) or f"none (no recipes in {RECIPE_DIR})"
+        raise ConfigError(f"unknown recipe {str(name_or_path)!r}; known: {known}")
     try:
-        recipe = Recipe.model_validate(yaml.safe_load(path.read_text()))
+        recipe = Recipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
     return recipe
+
+
+def list_example_configs() -> list[Path]:
+    """The packaged example run configs (``kdlab configs``)."""
+    return sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def example_config_path(name: str | Path) -> Path:
+    """The packaged example config ``name`` (``teacher-mnist1d``, with or without
+    ``.yaml``, or as the old checkout path ``configs/teacher-mnist1d.yaml``)."""
+    path = Path(name)
+    stem = path.stem if path.suffix == ".yaml" else path.name
+    if path.parent in (Path("."), Path("configs")) and stem:
+        candidate = CONFIG_DIR / f"{stem}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(p.stem for p in list_example_configs())
+    raise ConfigError(f"no example config {str(name)!r}; examples: {known}")
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """``kdlab train CONFIG``: an existing file, else a packaged example by name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    try:
+        return example_config_path(name_or_path)
+    except ConfigError:
+        known = ", ".join(p.stem for p in list_example_configs())
+        raise ConfigError(f"config file {path} not found (packaged examples, see `kdlab configs`: {known})") from None
 
 
 def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",

@@ -1,10 +1,13 @@
 import math
+from pathlib import Path
 
 import pytest
 
+from kdlab.cli import main
 from kdlab.config import build_config
 from kdlab.errors import ConfigError
-from kdlab.recipes import Recipe, expand, list_recipes, load_recipe
+from kdlab.recipes import (CONFIG_DIR, RECIPE_DIR, Recipe, example_config_path, expand, list_example_configs,
+                           list_recipes, load_recipe, resolve_config_path)
 
 BUILTIN_QUICK_DATA = {"digits", "mnist1d", "fashion-mnist"}
 
@@ -69,3 +72,32 @@ def test_recipe_errors_are_clear(tmp_path):
         expand(_recipe([{"name": "x", "axes": {"t": [{"label": "bad", "set": {"loss.tau": 0}}]}}]), "quick", tmp_path)
     with pytest.raises(ConfigError, match="no 'paper' scale"):
         expand(_recipe([{"name": "x"}]), "paper", tmp_path)
+
+
+def test_packaged_recipes_and_example_configs(tmp_path, monkeypatch, capsys):
+    # package data (kdlab/assets/), so a wheel has them too: tests/test_packaging.py
+    assert RECIPE_DIR.parent == CONFIG_DIR.parent and RECIPE_DIR.parent.parent.name == "kdlab"
+    assert {"kim-table2", "muller-mnist"} <= {p.stem for p in list_recipes()}
+    assert load_recipe("kim-table2").id == "kim-table2"
+    with pytest.raises(ConfigError, match="known: kim-ensemble, .*, muller-table3$"):
+        load_recipe("no-such-recipe")
+    assert {p.stem for p in list_example_configs()} == {"student-mnist1d", "teacher-mnist1d"}
+    for name in ("teacher-mnist1d", "teacher-mnist1d.yaml", "configs/teacher-mnist1d.yaml"):
+        assert example_config_path(name) == CONFIG_DIR / "teacher-mnist1d.yaml"
+    with pytest.raises(ConfigError, match="examples: student-mnist1d, teacher-mnist1d"):
+        example_config_path("elsewhere/teacher-mnist1d.yaml")
+
+    monkeypatch.chdir(tmp_path)  # a file of that name wins over the packaged example
+    Path("teacher-mnist1d.yaml").write_text("model: {name: mlp-8}\n")
+    assert resolve_config_path("teacher-mnist1d.yaml") == Path("teacher-mnist1d.yaml")
+    assert resolve_config_path("teacher-mnist1d") == CONFIG_DIR / "teacher-mnist1d.yaml"
+    with pytest.raises(ConfigError, match="not found .*teacher-mnist1d"):
+        resolve_config_path("missing.yaml")
+
+    assert main(["configs"]) == 0
+    assert "teacher-mnist1d" in capsys.readouterr().out
+    assert main(["configs", "teacher-mnist1d"]) == 0
+    assert capsys.readouterr().out == (CONFIG_DIR / "teacher-mnist1d.yaml").read_text(encoding="utf-8")
+    assert main(["train", "teacher-mnist1d", "optim.epochs=1", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "name: cnn1d-64" in printed and "epochs: 1" in printed
