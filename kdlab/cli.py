@@ -1,6 +1,7 @@
-"""The ``kdlab`` command: ``train``, ``models``, ``analyze``, ``sweep``, ``report``, ``reproduce``, ``demo``.
+"""The ``kdlab`` command: ``train``, ``configs``, ``models``, ``analyze``, ``sweep``, ``report``, ``reproduce``, ``demo``.
 
-Bad input (config, data, teacher) prints one line ``kdlab: error: ...`` and exits 2.
+Bad input (config, data, teacher, command line) prints one line ``kdlab: error: ...``
+and exits 2.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ def _cmd_train(args) -> int:
 
         print(describe_config())
         return 0
+    if args.config:  # a YAML path, or a packaged example by name (`kdlab configs`)
+        from .recipes import resolve_config_path
+
+        args.config = resolve_config_path(args.config)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -28,6 +33,19 @@ def _cmd_train(args) -> int:
     final = result["final"]
     print(f"{result['run_dir']}: test acc {final['test_acc']:.4f}, test NLL {final['test_nll']:.4f}, "
           f"{result['train_time_s']:.1f} s training")
+    return 0
+
+
+def _cmd_configs(args) -> int:
+    from .recipes import example_config_path, list_example_configs
+
+    if args.name:
+        print(example_config_path(args.name).read_text(encoding="utf-8"), end="")
+        return 0
+    for path in list_example_configs():
+        first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+        print(f"{path.stem:20s} {first}")
+    print("\nkdlab train NAME [key=value ...] trains one; kdlab configs NAME > my.yaml copies it")
     return 0
 
 
@@ -56,6 +74,8 @@ def _cmd_analyze(args) -> int:
     from .analysis.analyze import analyze_run
     from .errors import ConfigError
 
+    if args.bootstrap < 1:
+        raise ConfigError(f"--bootstrap takes the number of resamples for the intervals (>= 1), got {args.bootstrap}")
     classes = None
     if args.classes:
         try:
@@ -133,8 +153,17 @@ def raise_usage(message: str):
     raise ConfigError(message)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``kdlab: error: ...``, exit 2) like every other."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("kdlab").strip()
+        hint = f"`kdlab {command} --help`" if command else "`kdlab --help`"
+        self.exit(2, f"kdlab: error: {message.splitlines()[0]} (see {hint})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdlab", description="knowledge distillation and label smoothing")
+    parser = _Parser(prog="kdlab", description="knowledge distillation and label smoothing")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a teacher, or a student when the config has a teacher section")
     p.add_argument("config", nargs="?", help="YAML config (defaults apply to what it leaves out)")
@@ -143,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("configs", help="list the example configs (`kdlab train NAME` trains one), or print one")
+    p.add_argument("name", nargs="?", help="print this example's YAML")
+    p.set_defaults(func=_cmd_configs)
     p = sub.add_parser("models", help="list registered models")
     p.set_defaults(func=_cmd_models)
     p = sub.add_parser("analyze", help="calibration, logit statistics, projections, MI of a finished run")
@@ -171,8 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None):
+    """Parse, letting ``key=value`` overrides come after flags too
+    (``kdlab train CFG --no-progress optim.epochs=2``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     # a config path given as "key=value" is an override: `kdlab train loss.tau=3`
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides.insert(0, args.config)
@@ -185,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdlab: interrupted (the last finished epoch is checkpointed; run again to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kdlab reproduce --list | head`: the reader left, not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 
+SEED_MAX = 2**32 - 1  # what every generator used accepts (numpy, torch, the mnist1d package)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,14 +34,14 @@ class DataConfig(_Strict):
     val_size: Optional[int] = Field(
         None, ge=0, description="training examples held out for validation; default 10k for MNIST/CIFAR "
         "(both papers), 10% of the training set for digits and MNIST-1D")
-    split_seed: int = Field(0, description="seed of the train/validation split")
+    split_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the train/validation split")
     augment: Literal["auto", "none", "crop_flip", "shift2", "shift1d"] = Field(
         "auto", description="batch augmentation; auto = crop_flip for CIFAR, shift2 for 28×28, shift1d for MNIST-1D")
     num_samples: int = Field(5000, gt=0, description="MNIST-1D: examples generated (80% train, 20% test)")
-    generator_seed: int = Field(42, description="MNIST-1D: seed of the generator")
+    generator_seed: int = Field(42, ge=0, le=SEED_MAX, description="MNIST-1D: seed of the generator")
     label_noise: float = Field(0.0, ge=0.0, le=1.0, description="fraction of training labels flipped")
     noise_type: Literal["symmetric", "asymmetric"] = Field("symmetric", description="label noise kind")
-    noise_seed: int = Field(0, description="seed of the label noise")
+    noise_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the label noise")
 
 
 class ModelConfig(_Strict):
@@ -47,10 +50,14 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from .models import _FAMILIES
+        import torch
+
+        from .models import _FAMILIES, build_model
 
         if not any(regex.match(name) for regex, *_ in _FAMILIES.values()):
             raise ValueError(f"unknown model {name!r} (see `kdlab models`)")
+        with torch.device("meta"):  # sizes the family cannot build (wrn-3-2, mlp-0); shapes only, no memory
+            build_model(name, 10)
         return name
 
 
@@ -86,6 +93,11 @@ class LossConfig(_Strict):
 
 
 class TeacherCacheConfig(_Strict):
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, mode):
+        return "off" if mode is False else mode  # YAML 1.1 reads a bare `off` as false
+
     mode: Literal["off", "lazy", "full"] = Field(
         "off", description="teacher logits by (sample, view): off = run the teacher every step; lazy = fill the "
         "table as views are met; full = build it all before training")
@@ -105,12 +117,12 @@ class MutualInformationConfig(_Strict):
                                description="the two classes whose logit difference is Y (CIFAR-10: airplane, dog)")
     per_class: int = Field(300, gt=0, description="training examples per class (Müller: 300)")
     views: int = Field(5, ge=2, description="augmentations per example, L (Müller: 5)")
-    seed: int = Field(0, description="seed of the example and view choice")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the example and view choice")
 
 
 class Config(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.+-]+$", description="prefix of the run dir name")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the model's initialisation and the data order")
     out_dir: str = Field("runs", description="parent directory of run dirs (not part of the hash)")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -120,6 +132,13 @@ class Config(_Strict):
     mutual_information: MutualInformationConfig = MutualInformationConfig()
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
                         description="auto (cuda when available, else cpu), cpu, cuda or cuda:N; not part of the hash")
+    threads: Optional[int] = Field(
+        None, ge=1, description="torch CPU threads; default: as the process has them (a sweep: cores / workers). "
+        "Results depend on it at rounding level: recorded in meta/result, and a resume keeps the checkpoint's "
+        "count unless this is set. Not part of the hash")
+    memory_limit_gb: Optional[float] = Field(
+        None, gt=0, description="refuse a run whose big allocations (model and optimizer state, MI probe, teacher "
+        "cache) are estimated above this; default 90% of physical memory (of the GPU's for cuda). Not part of the hash")
     bf16: bool = Field(False, description="bf16 autocast for the model (losses stay float32)")
     channels_last: bool = False
     eval_batch_size: int = Field(1000, gt=0)
@@ -133,9 +152,10 @@ class Config(_Strict):
 
     def run_hash(self) -> str:
         """8 hex digits of the SHA-256 of the resolved config; out_dir and the teachers'
-        parent directories excluded, so a tree of runs can be moved, and the device, so a
-        run started on one machine resumes (or is found finished) on another."""
-        payload = self.model_dump(mode="json", exclude={"out_dir", "device"})
+        parent directories excluded, so a tree of runs can be moved, and the device and
+        thread count, so a run started on one machine resumes (or is found finished) on
+        another (both are recorded in meta.json and result.json instead)."""
+        payload = self.model_dump(mode="json", exclude={"out_dir", "device", "threads", "memory_limit_gb"})
         if self.teacher is not None:  # a teacher is identified by its run dir's name (which holds its hash),
             payload["teacher"]["runs"] = [Path(r).name for r in self.teacher.runs]  # not where it lies
             # the cache is exact in float32: only float16 storage can change a result
@@ -240,9 +260,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text (a config is a YAML file)") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: unreadable ({err.strerror})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
     return build_config(data, overrides)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .config import build_config, merge_dicts as _merge
+from .errors import ConfigError
 from .runs import atomic_write_json, atomic_write_text
 from .train import train
 
@@ -56,6 +57,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, teacher_epochs: int = 40, stu
              num_samples: int = 10000, seed: int = 0, teacher_model: str = "cnn1d-64",
              student_model: str = "cnn1d-8", progress: bool = True, log=print) -> dict:
     out_dir = Path(out_dir)
+    for flag, epochs in (("--teacher-epochs", teacher_epochs), ("--student-epochs", student_epochs)):
+        if epochs < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {epochs}")
     started = time.perf_counter()
     base = _base(out_dir, teacher_epochs, num_samples, seed)
     teacher_cfg = build_config(_merge(base, {"name": "teacher", "model": {"name": teacher_model}}))

@@ -15,3 +15,11 @@ class DataError(KdlabError):
 
 class RunError(KdlabError):
     """A run dir that cannot be used (unfinished teacher, corrupt checkpoint, ...)."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (``kdlab: warning: ...``): something was repaired or
+    will differ from what the user may expect, and the run goes on."""
+    import sys
+
+    print(f"kdlab: warning: {message}", file=sys.stderr, flush=True)

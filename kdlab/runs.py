@@ -11,14 +11,22 @@ A run dir ``<out_dir>/<name>-<hash>`` holds::
     eval_test.npz      the same for the test split
     label_noise.npz    flipped indices and clean labels, when label noise is on
     result.json        final numbers; written last, so its presence means "finished"
+    .lock              held (flock) by the one process training the run; holds its pid/host/start
+
+Every file is written atomically (a temporary file in the same directory, fsync,
+rename), with the usual permissions (0666 minus the umask, i.e. 0644). A temporary file
+left by a killed write (``.NAME.XXXX.tmp``) is removed when the run is next started.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -27,24 +35,121 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from filelock import FileLock, Timeout
 
 from . import __version__
-from .errors import ConfigError, RunError
+from .errors import ConfigError, RunError, warn
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+# Fault injection for the kill/resume tests: ``KDLAB_TEST_KILL_IN_WRITE=PATTERN[:N]`` makes
+# this process SIGKILL itself inside its N-th (default 1st) atomic write of a file whose
+# name matches the glob PATTERN, after the temporary file is complete, before the rename.
+_KILL_IN_WRITE = os.environ.get("KDLAB_TEST_KILL_IN_WRITE", "")
+_writes_seen = 0
+
+
+def _fault_point(name: str) -> None:
+    global _writes_seen
+    pattern, _, count = _KILL_IN_WRITE.partition(":")
+    if fnmatch.fnmatchcase(name, pattern):
+        _writes_seen += 1
+        if _writes_seen >= int(count or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``
+    (so a reader sees the old file or the new one, never a part)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; run files are readable as usual
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if _KILL_IN_WRITE:
+            _fault_point(path.name)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable_dir(path, what: str) -> None:
+    """``path`` (or, if it does not exist yet, its nearest existing parent) is a writable
+    directory; a one-line ConfigError naming ``what`` (a key or an option) otherwise."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"{what}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {existing} is not writable")
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Delete ``.NAME.XXXX.tmp`` files of atomic writes a killed process left behind.
+    Call it only while holding the directory's lock (nobody else is writing there)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
+class RunLock:
+    """The one process that trains a run dir holds an exclusive ``flock`` on ``.lock``
+    (through ``filelock``). The kernel releases it when the process ends in any way,
+    SIGKILL included, so a lock is never stale. The holder writes its pid, host and start
+    time into the file, for the message another process gets."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self._lock = FileLock(self.path, thread_local=False)
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text())
+            return f"pid {info['pid']} on {info['host']} since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def acquire(self, wait: bool = False, log=print) -> None:
+        """Take the lock, or raise a one-line RunError naming the holder (``wait=False``),
+        or say who holds it and wait until it is released (``wait=True``)."""
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                raise RunError(f"{self.run_dir} is being trained by {self.holder()}; one process per run: wait "
+                               "for it to finish (or stop it) and start again") from None
+            log(f"{self.run_dir}: waiting for {self.holder()}, which is training it")
+            self._lock.acquire()
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with open(self.path, "r+") as handle:  # no O_TRUNC by a loser: only the holder rewrites it
+            handle.write(json.dumps(info) + "\n")
+            handle.truncate()
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release()
+
+    @staticmethod
+    def busy(run_dir: Path) -> str | None:
+        """The holder of ``run_dir``'s lock while it is held (by any other handle: flock
+        locks belong to open files, so this process's own lock counts too), else None."""
+        lock = RunLock(run_dir)
+        if not lock.path.exists():
+            return None
+        try:
+            lock._lock.acquire(timeout=0)
+        except Timeout:
+            return lock.holder()
+        lock._lock.release()
+        return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -106,13 +211,41 @@ def read_json(path: Path):
         raise RunError(f"{path}: unreadable JSON ({type(err).__name__})") from None
 
 
+def parse_metrics(path: Path) -> tuple[list[dict], bool]:
+    """The records of a ``metrics.jsonl`` and whether a partial last line (an append cut
+    short by a kill or power loss) was dropped. A bad line elsewhere is a RunError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunError(f"{path}: unreadable ({type(err).__name__})") from None
+    lines = [line for line in text.split("\n")]
+    records, partial = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if number == len(lines) or all(not rest.strip() for rest in lines[number:]):
+                partial = True  # the last line: an interrupted append
+                continue
+            raise RunError(f"{path}: line {number} is not a JSON record; the file is damaged") from None
+        records.append(record)
+    return records, partial
+
+
 def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
     """Records of ``metrics.jsonl``: ``kind="epoch"`` (one per epoch), ``"mutual_information"``
-    (one per probe evaluation) or ``"all"``."""
+    (one per probe evaluation) or ``"all"``. A partial last line is ignored with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, partial = parse_metrics(path)
+    if partial:
+        warn(f"{path}: ignoring a partial last line (an interrupted write)")
     if kind == "epoch":
         return [r for r in records if "train_loss" in r]
     if kind == "mutual_information":

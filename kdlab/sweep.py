@@ -5,13 +5,24 @@ in-process worker when N = 1) and ``ray`` (the same runs as Ray tasks with per-r
 and GPU resources, on a local Ray instance or a cluster at ``address``). A run whose
 ``result.json`` exists is skipped; an interrupted one resumes from its checkpoint. A
 failed run does not stop the others; the runs that needed it as a teacher are skipped.
+
+Before anything is written, the grid is deduplicated (a ``--set`` can make several runs
+one config: it is trained once, and the sweep says how many collapsed) and every
+dataset it needs is checked to be there. A run that another process is training (a
+second sweep on the same directory) is waited for, with a message, never trained twice.
+Local workers die with the sweep, SIGKILL included: each asks the kernel for SIGKILL
+when its parent dies (Linux ``PR_SET_PDEATHSIG``) and also watches its parent's pid.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +30,13 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, KdlabError
 from .recipes import Recipe, expand
-from .runs import atomic_write_json, read_json
+from .runs import RunLock, atomic_write_json, check_writable_dir, read_json
+
+
+def _lock_messages(message: str) -> None:
+    """A worker's log: silent but for waiting on another process's run."""
+    if "waiting for" in message:
+        print(f"kdlab: {message}", file=sys.stderr, flush=True)
 
 
 def _train_config(config_json: dict, threads: int) -> dict:
@@ -30,13 +47,53 @@ def _train_config(config_json: dict, threads: int) -> dict:
     from .train import train
 
     torch.set_num_threads(max(1, threads))
-    return train(Config.model_validate(config_json), progress=False, log=lambda *a: None)
+    return train(Config.model_validate(config_json), progress=False, log=_lock_messages, wait_for_lock=True)
 
 
-def _init_worker(threads: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` ends, however it ends (SIGKILL included)."""
+    if sys.platform.startswith("linux"):
+        try:  # prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills us when the parent dies
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+
+    def watch():  # elsewhere (and as a second guard): poll the parent's pid
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="kdlab-parent-watch").start()
+
+
+def _init_worker(threads: int, parent_pid: int) -> None:
     import torch
 
+    die_with_parent(parent_pid)
     torch.set_num_threads(max(1, threads))
+
+
+def unique_runs(runs: list) -> tuple[list, int]:
+    """The grid without repeated configs (same run dir), first occurrence kept, and how
+    many collapsed into others."""
+    seen = {}
+    for run in runs:
+        seen.setdefault(str(run.run_dir), run)
+    return list(seen.values()), len(runs) - len(seen)
+
+
+def check_data(runs: list) -> None:
+    """Every dataset the grid reads is there (before anything is written)."""
+    from .data import check_data_source
+
+    checked = set()
+    for run in runs:
+        key = run.config.data.model_dump_json()
+        if key not in checked:
+            checked.add(key)
+            check_data_source(run.config.data)
 
 
 def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None = None, *,
@@ -50,20 +107,30 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     # absolute, so that workers in other directories (Ray) find the same run dirs; the run
     # hash leaves out out_dir and teachers' parent dirs, so this changes no run's identity
     out_dir = Path(out_dir or Path("runs") / f"{recipe.id}-{scale}").resolve()
-    runs = expand(recipe, scale, out_dir, settings)
+    grid = expand(recipe, scale, out_dir, settings)
+    runs, collapsed = unique_runs(grid)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}: use local or ray")
+    check_writable_dir(out_dir, "--out")
+    try:
+        check_data(runs)
+    except KdlabError as err:
+        raise ConfigError(f"recipe {recipe.id} ({scale}): {err}") from None
     started = time.perf_counter()
     status: dict[str, str] = {}
     done = sum((r.run_dir / "result.json").is_file() for r in runs)
+    if collapsed:
+        log(f"{recipe.id} ({scale}): {len(grid)} grid entries are {len(runs)} distinct configs ({collapsed} identical "
+            "to others, e.g. after --set): each distinct run is trained once")
     log(f"{recipe.id} ({scale}): {len(runs)} runs in {out_dir}, {done} finished already; "
         f"executor {executor}, {workers} worker(s)")
     bar = tqdm(total=len(runs), initial=done, disable=not progress, unit="run", desc=recipe.id, dynamic_ncols=True)
     submit, shutdown = _executor(executor, workers, address, recipe.scales[scale], threads)
+    aborted = True
     try:
         for stage in dict.fromkeys(r.stage for r in runs):
             pending = {}
@@ -78,6 +145,9 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
                     log(f"skip {run.describe()}: teacher {failed[0].describe()} did not finish")
                     bar.update(1)
                     continue
+                holder = RunLock.busy(run.run_dir)
+                if holder is not None:
+                    log(f"{run.describe()} is being trained by {holder}: waiting for it rather than training it twice")
                 pending[submit(run)] = run
             for future in _as_completed(executor, pending):
                 run = pending[future]
@@ -92,8 +162,9 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
                     status[str(run.run_dir)] = "failed"
                     log(f"FAILED {run.describe()}: {type(err).__name__}: {err}")
                 bar.update(1)
+        aborted = False
     finally:
-        shutdown()
+        shutdown(aborted)
         bar.close()
     wall = time.perf_counter() - started
     manifest = {
@@ -101,9 +172,10 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
         "recipe": recipe.id, "scale": scale, "recipe_spec": recipe.model_dump(), "executor": executor, "workers": workers,
         "threads": threads, "settings": list(settings),
         "wall_time_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "distinct_runs": len(runs), "collapsed_runs": collapsed,
         "runs": [{"stage": r.stage, "labels": r.labels, "seed": r.seed, "run_dir": str(r.run_dir),
                   "status": status.get(str(r.run_dir), "done" if (r.run_dir / "result.json").is_file() else "pending")}
-                 for r in runs],
+                 for r in grid],
     }
     previous = read_json(out_dir / "sweep.json") if (out_dir / "sweep.json").is_file() else {}
     manifest["wall_time_total_s"] = previous.get("wall_time_total_s", 0.0) + wall
@@ -115,8 +187,22 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     return manifest
 
 
+def _stop_local(pool, aborted: bool) -> None:
+    """Shut the pool down; when the sweep is aborted (Ctrl-C, an error), kill the workers
+    instead of waiting for their runs (each resumes from its last checkpoint)."""
+    if aborted and isinstance(pool, cf.ProcessPoolExecutor):
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            process.kill()
+        for process in workers:
+            process.join(timeout=10)
+        return
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _executor(kind: str, workers: int, address: str | None, scale_spec, threads: int | None = None):
-    """(submit(run) -> future, shutdown()) for the chosen executor."""
+    """(submit(run) -> future, shutdown(aborted)) for the chosen executor."""
     cores = os.cpu_count() or 1
     if kind == "local":
         threads = threads or max(1, cores // workers)
@@ -124,9 +210,9 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
             pool = cf.ThreadPoolExecutor(1)
         else:
             pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_init_worker, initargs=(threads,))
+                                          initializer=_init_worker, initargs=(threads, os.getpid()))
         return (lambda run: pool.submit(_train_config, run.config.model_dump(mode="json"), threads)), \
-            (lambda: pool.shutdown(cancel_futures=True))
+            (lambda aborted=False: _stop_local(pool, aborted))
     try:
         import ray
     except ImportError:
@@ -137,7 +223,7 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
         ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
     task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config)
     return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run)), \
-        (lambda: ray.shutdown() if started_here else None)
+        (lambda aborted=False: ray.shutdown() if started_here else None)
 
 
 def _as_completed(kind: str, pending: dict):

@@ -1,11 +1,19 @@
 """The one training loop: teacher or student, CE / LS / KL / MSE, resumable.
 
-``train(cfg)`` resolves everything that can fail on bad input (data, teachers) *before*
-it creates the run dir, then trains with SGD, checkpointing atomically every epoch.
-Starting the same config again resumes from the last checkpoint, or returns the stored
-result when the run has finished. Data order and augmentation come from one seeded
-``torch.Generator`` whose state is checkpointed, so a resumed run ends with exactly the
-metrics of an uninterrupted one.
+``train(cfg)`` resolves everything that can fail on bad input (data, teachers, whether
+the model fits the data, the memory the run will need, a writable out_dir) *before* it
+creates the run dir, then trains with SGD, checkpointing atomically every epoch. The
+run dir belongs to one process (an flock on ``.lock``): a second process on the same
+config gets a one-line error naming the holder, or waits (sweeps). Starting the same
+config again resumes from the last checkpoint, or returns the stored result when the
+run has finished. Data order and augmentation come from one seeded ``torch.Generator``
+whose state is checkpointed, and the torch thread count is recorded and kept on resume,
+so a resumed run ends with exactly the metrics of an uninterrupted one.
+
+Repairs on start: stale temporary files of killed writes are removed, a partial last
+line of ``metrics.jsonl`` is dropped (with a warning), and a corrupt ``checkpoint.pt``
+is moved aside to ``checkpoint.pt.corrupt`` with an error that says how to go on. A run
+that fails before its first checkpoint leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,20 +32,24 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import Dataset, load_dataset
-from .errors import ConfigError, RunError
+from .errors import ConfigError, RunError, warn
 from .losses import distillation_loss, ensemble_logits
-from .teacher_cache import TeacherCache
-from .models import build_model, count_parameters
+from .models import build_model, check_model, count_parameters
 from .runs import (
+    RunLock,
     atomic_save_npz,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    check_writable_dir,
     load_finished_model,
+    parse_metrics,
     read_json,
+    remove_stale_temporaries,
     run_meta,
     torch_load,
 )
+from .teacher_cache import TeacherCache, table_bytes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,7 +140,7 @@ class _Teachers:
         self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape).to(device) for r in run_dirs]
         if channels_last:  # the same layout as the student's batches: no conversion per step
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
-        self.device = device
+        self.device, self.channels_last = device, channels_last
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -168,30 +182,198 @@ class _MutualInformationProbe:
         return mutual_information(values.double().numpy())
 
 
+def physical_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, int]:
+    """Bytes of the allocations that grow with the config, before any is made."""
+    items = {"model (weights, gradients, momentum, checkpoint copy)": 16 * num_params}
+    mi = cfg.mutual_information
+    if mi.every_steps:
+        examples = sum(min(mi.per_class, int((data.train_y == c).sum())) for c in mi.classes)
+        per_input = math.prod(data.input_shape) * (data.train_x.element_size() + 4)
+        items["mutual-information probe (inputs × views, pairwise densities)"] = (
+            examples * mi.views * (per_input + 8 * data.num_classes) + 24 * examples**2)
+    if cfg.teacher is not None and cfg.loss.alpha > 0 and cfg.teacher.cache.mode != "off":
+        size = table_bytes(len(data.train_y), data.augmentation.num_views, data.num_classes, cfg.teacher.cache.dtype)
+        if size <= cfg.teacher.cache.max_gb * 1e9:  # larger: refused by the cache itself (online teacher)
+            items["teacher cache"] = size
+    return items
+
+
+def check_memory(cfg: Config, data: Dataset, num_params: int, device: torch.device) -> None:
+    """Refuse, with the numbers, a run whose estimated allocations exceed the limit."""
+    total = physical_memory_bytes(device)
+    limit = cfg.memory_limit_gb * 1e9 if cfg.memory_limit_gb else (0.9 * total if total else None)
+    if limit is None:
+        return
+    items = estimate_memory(cfg, data, num_params)
+    need = sum(items.values())
+    if need > limit:
+        biggest = max(items, key=items.get)
+        raise ConfigError(f"the run would need ~{need / 1e9:,.3g} GB ({biggest}: {items[biggest] / 1e9:,.3g} GB) but the "
+                          f"limit is {limit / 1e9:,.3g} GB (memory_limit_gb; default 90% of {device.type} memory)")
+
+
+def _remove_created(run_dir: Path, created: Path | None) -> None:
+    """Remove ``run_dir`` and the parents this call created, if empty (a sweep's out_dir
+    may hold other runs by now: never more than that)."""
+    if created is None:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent != created.parent and parent.is_dir():
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (what mkdir(parents) creates)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
 def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
-          log=print) -> dict | None:
+          log=print, wait_for_lock: bool = False) -> dict | None:
     """Train the run ``cfg`` describes; return its result dict.
 
     ``stop_after_epoch`` ends the call after that many epochs in total, as a kill would
     (checkpoint written, no result): the next call resumes. It returns None then.
+    ``wait_for_lock``: when another process trains this run, wait for it (and then
+    return its result) instead of failing.
     """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    on_cuda = device.type == "cuda"
-    if on_cuda:  # (torch.manual_seed above seeds the CUDA generators too)
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     data = load_dataset(cfg.data)
     teachers = _Teachers(cfg.teacher.runs, data, cfg.channels_last, device) if cfg.teacher else None
+    try:
+        num_params = check_model(cfg.model.name, data.num_classes, data.input_shape)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.name': {err} (data {cfg.data.name} gives inputs of shape "
+                          f"{tuple(data.input_shape)})") from None
+    check_memory(cfg, data, num_params, device)
     probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
 
     run_dir = cfg.run_dir()
     if (run_dir / "result.json").is_file():
         log(f"{run_dir}: finished already, nothing to do")
         return read_json(run_dir / "result.json")
+    check_writable_dir(cfg.out_dir, "out_dir")
+    created = _first_missing(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire(wait=wait_for_lock, log=log)
+    except BaseException:
+        if RunLock.busy(run_dir) is None:
+            _remove_created(run_dir, created)
+        raise
+    threads_before = torch.get_num_threads()
+    try:
+        if (run_dir / "result.json").is_file():  # finished by the process we waited for
+            log(f"{run_dir}: finished already, nothing to do")
+            return read_json(run_dir / "result.json")
+        return _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log)
+    except BaseException:
+        # nothing to resume from: leave nothing behind (what this call created)
+        if not (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists():
+            _remove_created(run_dir, created)
+        raise
+    finally:
+        lock.release()
+        torch.set_num_threads(threads_before)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """The checkpoint, or (corrupt) moved aside to ``checkpoint.pt.corrupt`` and a RunError."""
+    try:
+        state = torch_load(path)
+        if not isinstance(state, dict) or not {"epoch", "model", "optimizer", "generator"} <= set(state):
+            raise RunError(f"{path}: not a kdlab checkpoint")
+        return state
+    except RunError as err:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        raise RunError(f"{err}; moved it to {aside.name}: run the same command again to restart this run from "
+                       "epoch 0 (or put a good checkpoint back as checkpoint.pt to resume)") from None
+
+
+def _restore(state: dict, path: Path, model, optimizer, scheduler, generator, device) -> None:
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        raise RunError(f"{path}: does not fit this run ({str(err).splitlines()[0][:120]}); moved it to {aside.name}: "
+                       "run the same command again to restart this run from epoch 0") from None
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def _threads_for_resume(cfg: Config, recorded: int | None, log) -> None:
+    """Keep the thread count the run was trained with (results depend on it), unless the
+    config sets one; say so in one line when it differs from this process's."""
+    current = torch.get_num_threads()
+    if recorded is None or recorded == current:
+        return
+    if cfg.threads is not None:
+        warn(f"resuming with threads={cfg.threads} as set, but epochs so far ran with {recorded}: the result "
+             "will differ (at rounding level) from an uninterrupted run")
+        return
+    torch.set_num_threads(recorded)
+    log(f"resuming with {recorded} torch threads as recorded in the checkpoint (this process had {current}; "
+        "set threads=N to override)")
+
+
+def _write_meta(run_dir: Path, device: torch.device, start_epoch: int) -> None:
+    """meta.json: this start's environment, and every start's (a resumed run's history)."""
+    path = run_dir / "meta.json"
+    previous = {}
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = {}
+    start = {**run_meta(), "device": describe_device(device), "device_type": device.type, "pid": os.getpid(),
+             "start_epoch": start_epoch}
+    starts = [s for s in previous.get("starts", []) if isinstance(s, dict)] + [start]
+    atomic_write_json(path, {**start, "starts": starts})
+
+
+def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log):
+    on_cuda = device.type == "cuda"
+    if on_cuda:  # (torch.manual_seed above seeds the CUDA generators too)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    removed = remove_stale_temporaries(run_dir)
+    if removed:
+        warn(f"{run_dir}: removed {len(removed)} temporary file(s) of an interrupted write")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    state = _load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    if state is not None:
+        _threads_for_resume(cfg, state.get("torch_threads"), log)
     if not (run_dir / "config.yaml").exists():
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    atomic_write_json(run_dir / "meta.json", {**run_meta(), "device": describe_device(device)})
+    start_epoch = state["epoch"] if state is not None else 0
+    _write_meta(run_dir, device, start_epoch)
     log(f"{run_dir}: training on {describe_device(device)}")
     if len(data.noisy_indices):
         atomic_save_npz(run_dir / "label_noise.npz", flipped_indices=data.noisy_indices,
@@ -207,23 +389,16 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     )
     scheduler = _scheduler(optimizer, opt_cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start_epoch = 0
-    checkpoint_path = run_dir / "checkpoint.pt"
-    if checkpoint_path.exists():
-        state = torch_load(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if on_cuda and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch = state["epoch"]
+    if state is not None:
+        _restore(state, checkpoint_path, model, optimizer, scheduler, generator, device)
         log(f"{run_dir}: resuming after epoch {start_epoch}")
     metrics_path = run_dir / "metrics.jsonl"
-    previous = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if metrics_path.exists() else []
-    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in previous if m["epoch"] <= start_epoch))
-
+    previous = []
+    if metrics_path.exists():
+        previous, partial = parse_metrics(metrics_path)
+        if partial:
+            warn(f"{metrics_path}: dropped a partial last line (an interrupted write)")
+    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in previous if m.get("epoch", 0) <= start_epoch))
     test_teacher = val_teacher = None
     if teachers is not None:
         val_teacher = teachers.predict(data, data.val_x, cfg.eval_batch_size, cfg.channels_last)
@@ -232,11 +407,11 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     cache = None
     if use_teacher_in_step and cfg.teacher.cache.mode != "off":
         try:
-            cache = TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log)
+            cache = TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log, cfg.bf16)
         except MemoryError as err:
             log(f"{err}: running the teacher online instead")
         if cache is not None and cfg.teacher.cache.mode == "full":
-            cache.build(cfg.eval_batch_size, cfg.bf16, progress)
+            cache.build(cfg.eval_batch_size, progress)
     loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
@@ -267,7 +442,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             with _autocast(cfg.bf16, device.type):
                 logits = model(x)
             if cache is not None:
-                teacher_logits = cache.lookup(index, views, x, cfg.bf16)
+                teacher_logits = cache.lookup(index, views, x)
             else:
                 teacher_logits = teachers(x, cfg.bf16) if use_teacher_in_step else None
             loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
@@ -290,8 +465,10 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         train_time += epoch_time
         train_loss = (loss_sum / n_train).item()
         if not math.isfinite(train_loss):
+            kept = (f"epoch {epoch} is checkpointed: the run resumes from it" if epoch > 0 else
+                    "no epoch finished, so nothing was kept")
             raise RunError(f"{run_dir}: training loss became {train_loss} in epoch {epoch + 1} "
-                           "(lower optim.lr or set optim.grad_clip; the last good epoch is checkpointed)")
+                           f"(lower optim.lr or set optim.grad_clip; {kept})")
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / n_train,
                   "epoch_time_s": epoch_time, "images_per_s": n_train / epoch_time}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs:
@@ -304,7 +481,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             handle.write(json.dumps(record) + "\n")
         checkpoint = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                      "torch_rng": torch.get_rng_state()}
+                      "torch_rng": torch.get_rng_state(), "torch_threads": torch.get_num_threads()}
         if on_cuda:
             checkpoint["cuda_rng"] = torch.cuda.get_rng_state(device)
         atomic_torch_save(checkpoint, checkpoint_path)
@@ -335,6 +512,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     atomic_torch_save(model.state_dict(), run_dir / "model.pt")
     result = {
         "run_dir": str(run_dir), "name": cfg.name, "hash": cfg.run_hash(), "device": describe_device(device),
+        "device_type": device.type, "torch_threads": torch.get_num_threads(),
         "model": cfg.model.name,
         "dataset": cfg.data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
         "num_params": count_parameters(model), "epochs": opt_cfg.epochs, "train_time_s": train_time,

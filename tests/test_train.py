@@ -129,7 +129,7 @@ def test_unfinished_teacher_and_corrupt_checkpoint(tmp_path, teacher):
     (["train", "optim.lr=fast"], "optim.lr"),
     (["train", "loss.alpha=1.2"], "loss.alpha"),
     (["train", "optimizer.lr=0.1"], "unknown config key 'optimizer'"),
-    (["train", "data.name=cifar100"], "data.root is required"),
+    (["train", "data.name=cifar100"], "data.root is not set"),
     (["train", "data.name=mnist", "data.root=/does/not/exist"], "does not exist"),
     (["train", "loss.alpha=1", "teacher.runs=[/no/such/run]"], "does not exist"),
     (["train", "device=gpu"], "device"),

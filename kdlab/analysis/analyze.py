@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunError
-from ..runs import atomic_write_json, load_run_config, read_json, read_metrics, torch_load
+from ..runs import atomic_write_json, check_writable_dir, load_run_config, read_json, read_metrics, torch_load
 from . import plots
 from .calibration import calibration_report, expected_calibration_error, fit_temperature
 from .logits import (
@@ -60,6 +60,7 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
     run_dir = _finished(run_dir)
     teacher_dir = _finished(teacher_dir) if teacher_dir else None
     out_dir = Path(out_dir) if out_dir else run_dir / "analysis"
+    check_writable_dir(out_dir, "--out")
     cfg = load_run_config(run_dir)
     result = read_json(run_dir / "result.json")
     num_classes = result["num_classes"]

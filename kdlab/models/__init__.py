@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
+import torch
 import torch.nn as nn
 
 _FAMILIES: dict[str, tuple[re.Pattern, Callable[..., nn.Module], str, list[str]]] = {}
@@ -49,6 +50,36 @@ def build_model(
         if match:
             return fn(match, num_classes=num_classes, in_channels=in_channels, input_shape=input_shape)
     raise ValueError(f"unknown model {name!r}; known families: {', '.join(_FAMILIES)}")
+
+
+def check_model(name: str, num_classes: int, input_shape: Sequence[int]) -> int:
+    """Build ``name`` on the meta device (shapes only: no memory, no compute) and run a
+    forward pass on a batch of two inputs of ``input_shape``. Returns the parameter count;
+    raises ValueError with a one-line reason for a size the family cannot build or an
+    input the model cannot take."""
+    input_shape = tuple(int(s) for s in input_shape)
+    try:
+        with torch.device("meta"):
+            model = build_model(name, num_classes, input_shape=input_shape)
+    except ValueError as err:
+        raise ValueError(str(err).splitlines()[0]) from None
+    try:
+        with torch.device("meta"), torch.no_grad():
+            out = model(torch.empty((2,) + input_shape))
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{name} cannot take inputs of shape {input_shape} ({reason})") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ValueError(f"{name} gives outputs of shape {tuple(out.shape)[1:]} for inputs of shape {input_shape}, "
+                         f"not {num_classes} logits")
+    return count_parameters(model)
+
+
+def positive_sizes(name: str, **sizes: int) -> None:
+    """Builders' check: every named size is at least 1."""
+    for what, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name}: {what} must be at least 1, got {value}")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_family
+from . import positive_sizes, register_family
 
 
 class CNN1d(nn.Module):
@@ -35,4 +35,5 @@ class CNN1d(nn.Module):
 
 @register_family(r"cnn1d-(\d+)", ["cnn1d-8", "cnn1d-32"], "1-D CNN of width W for MNIST-1D")
 def _build(match, num_classes, in_channels, input_shape):
+    positive_sizes(match[0], width=int(match[1]))
     return CNN1d(int(match[1]), num_classes, in_channels)

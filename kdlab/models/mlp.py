@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import register_family
+from . import positive_sizes, register_family
 
 
 class MLP(nn.Module):
@@ -33,4 +33,5 @@ class MLP(nn.Module):
 def _build(match, num_classes, in_channels, input_shape):
     shape = input_shape if input_shape is not None else (in_channels, 28, 28)
     hidden = [int(h) for h in match[1].strip("-").split("-")]
+    positive_sizes(match[0], **{f"hidden width {i + 1}": h for i, h in enumerate(hidden)})
     return MLP(math.prod(shape), hidden, num_classes)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_family
+from . import positive_sizes, register_family
 
 
 class _Block(nn.Module):
@@ -63,4 +63,5 @@ class WideResNet(nn.Module):
 @register_family(r"wrn-(\d+)-(\d+)", ["wrn-16-2", "wrn-16-4", "wrn-28-2", "wrn-28-4", "wrn-40-6"],
                  "pre-activation Wide ResNet WRN-depth-width, depth = 6n+4 (Kim et al.)")
 def _build(match, num_classes, in_channels, input_shape):
+    positive_sizes(match[0], width=int(match[2]))
     return WideResNet(int(match[1]), int(match[2]), num_classes, in_channels)
