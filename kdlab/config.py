@@ -28,20 +28,43 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    name: Literal["digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "cifar100"] = Field(
-        "mnist1d", description="dataset: built in (digits, mnist1d) or read from data.root")
+    name: Literal["digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder"] = Field(
+        "mnist1d", description="dataset: built in (digits, mnist1d), read from data.root into memory, or "
+        "imagefolder (root/train/<class>/*, root/val/<class>/*; JPEG/PNG streamed from disk)")
     root: Optional[str] = Field(None, description="directory of the dataset files (IDX or CIFAR pickles)")
     val_size: Optional[int] = Field(
         None, ge=0, description="training examples held out for validation; default 10k for MNIST/CIFAR "
         "(both papers), 10% of the training set for digits and MNIST-1D")
     split_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the train/validation split")
-    augment: Literal["auto", "none", "crop_flip", "shift2", "shift1d"] = Field(
-        "auto", description="batch augmentation; auto = crop_flip for CIFAR, shift2 for 28×28, shift1d for MNIST-1D")
+    augment: Literal["auto", "none", "crop_flip", "shift2", "shift1d", "resized_crop_flip"] = Field(
+        "auto", description="batch augmentation; auto = crop_flip for CIFAR, shift2 for 28×28, shift1d for MNIST-1D, "
+        "resized_crop_flip (RandomResizedCrop + flip) for imagefolder")
     num_samples: int = Field(5000, gt=0, description="MNIST-1D: examples generated (80% train, 20% test)")
     generator_seed: int = Field(42, ge=0, le=SEED_MAX, description="MNIST-1D: seed of the generator")
     label_noise: float = Field(0.0, ge=0.0, le=1.0, description="fraction of training labels flipped")
     noise_type: Literal["symmetric", "asymmetric"] = Field("symmetric", description="label noise kind")
     noise_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the label noise")
+    # imagefolder only (streamed data); in the run hash only when set off their defaults
+    image_size: int = Field(224, gt=0, le=4096, description="imagefolder: side of the training crop and the eval "
+                            "crop (224; 299 for Inception-v4)")
+    eval_resize: Optional[int] = Field(None, gt=0, le=8192, description="imagefolder: shorter side before the eval "
+                                       "centre crop; default image_size / 0.875 (256 for 224, 342 for 299)")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="imagefolder: RandomResizedCrop area range")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="imagefolder: RandomResizedCrop aspect range")
+    loader_workers: Optional[int] = Field(None, ge=0, le=256, description="imagefolder: DataLoader worker processes "
+                                          "(default min(4, cores)); results do not depend on it: not in the hash")
+    on_bad_image: Literal["error", "skip"] = Field("error", description="imagefolder: an unreadable image is an "
+                                                   "error naming it, or left out of its batch and counted")
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, pair):
+        if not 0 < pair[0] <= pair[1] or not math.isfinite(pair[1]):
+            raise ValueError(f"must be a range 0 < low <= high, got {list(pair)}")
+        return pair
+
+
+_DATA_KEYS_HASHED_OFF_DEFAULT = ("image_size", "eval_resize", "crop_scale", "crop_ratio", "on_bad_image")
 
 
 class ModelConfig(_Strict):
@@ -156,6 +179,11 @@ class Config(_Strict):
         thread count, so a run started on one machine resumes (or is found finished) on
         another (both are recorded in meta.json and result.json instead)."""
         payload = self.model_dump(mode="json", exclude={"out_dir", "device", "threads", "memory_limit_gb"})
+        defaults = DataConfig().model_dump(mode="json")
+        for key in _DATA_KEYS_HASHED_OFF_DEFAULT:  # keys newer than existing run dirs: their hashes stay
+            if payload["data"][key] == defaults[key]:
+                del payload["data"][key]
+        del payload["data"]["loader_workers"]
         if self.teacher is not None:  # a teacher is identified by its run dir's name (which holds its hash),
             payload["teacher"]["runs"] = [Path(r).name for r in self.teacher.runs]  # not where it lies
             # the cache is exact in float32: only float16 storage can change a result

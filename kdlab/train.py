@@ -85,16 +85,15 @@ def _to_device_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 1000, *,
-            features: bool = False, bf16: bool = False, channels_last: bool = False):
-    """Logits (float32, on the CPU) of ``model`` on raw inputs ``x`` (and penultimate
-    features); batches go to the model's device."""
+def predict_batches(model: nn.Module, data: Dataset, batches, *, features: bool = False, bf16: bool = False,
+                    channels_last: bool = False):
+    """Logits (float32, on the CPU) of ``model`` on raw batches (and penultimate features)."""
     was_training = model.training
     model.eval()
     device = _model_device(model)
     logits, feats = [], []
-    for start in range(0, len(x), batch_size):
-        batch = _to_device_layout(data.prepare(x[start : start + batch_size].to(device)), channels_last)
+    for raw in batches:
+        batch = _to_device_layout(data.prepare(raw.to(device)), channels_last)
         with _autocast(bf16, device.type):
             out = model(batch, return_features=True)
         logits.append(out[0].float().cpu())
@@ -102,6 +101,16 @@ def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 
     model.train(was_training)
     logits = torch.cat(logits) if logits else torch.zeros(0)
     return (logits, torch.cat(feats)) if features else logits
+
+
+def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 1000, **kwargs):
+    """``predict_batches`` on raw inputs held in memory, ``batch_size`` at a time."""
+    return predict_batches(model, data, (x[s : s + batch_size] for s in range(0, len(x), batch_size)), **kwargs)
+
+
+def predict_split(model: nn.Module, data, split: str, batch_size: int = 1000, **kwargs):
+    """``predict_batches`` on a split under its evaluation view (in memory or streamed)."""
+    return predict_batches(model, data, data.eval_batches(split, batch_size, _model_device(model)), **kwargs)
 
 
 def _metrics(prefix: str, logits: torch.Tensor, labels: torch.Tensor, teacher_logits=None) -> dict:
@@ -149,8 +158,9 @@ class _Teachers:
         with _autocast(bf16, self.device.type):
             return ensemble_logits([m(x) for m in self.models])
 
-    def predict(self, data: Dataset, x: torch.Tensor, batch_size: int, channels_last: bool = False) -> torch.Tensor:
-        return ensemble_logits([predict(m, data, x, batch_size, channels_last=channels_last) for m in self.models])
+    def predict(self, data: Dataset, split: str, batch_size: int, channels_last: bool = False) -> torch.Tensor:
+        return ensemble_logits([predict_split(m, data, split, batch_size, channels_last=channels_last)
+                                for m in self.models])
 
 
 class _MutualInformationProbe:
@@ -180,6 +190,9 @@ class _MutualInformationProbe:
                          channels_last=self.cfg.channels_last)
         values = (logits[:, self.classes[0]] - logits[:, self.classes[1]]).view(len(self.index), -1)
         return mutual_information(values.double().numpy())
+
+
+STREAMED_TRAIN_EVAL_MAX = 100_000  # streamed data: eval_train.npz only up to this many images
 
 
 def physical_memory_bytes(device: torch.device) -> int | None:
@@ -264,6 +277,13 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     except ValueError as err:
         raise ConfigError(f"config key 'model.name': {err} (data {cfg.data.name} gives inputs of shape "
                           f"{tuple(data.input_shape)})") from None
+    if data.streamed:
+        if cfg.mutual_information.every_steps:
+            raise ConfigError("mutual_information.every_steps: the MI probe needs in-memory data with finite views; "
+                              f"{cfg.data.name} is streamed from disk")
+        if cfg.teacher is not None and cfg.loss.alpha > 0 and cfg.teacher.cache.mode != "off":
+            raise ConfigError(f"teacher.cache.mode={cfg.teacher.cache.mode}: the exact (sample, view) table needs "
+                              f"finite views; {cfg.data.name}'s random resized crops are unbounded: use mode=off")
     check_memory(cfg, data, num_params, device)
     probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
 
@@ -295,6 +315,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     finally:
         lock.release()
         torch.set_num_threads(threads_before)
+        if data.streamed:
+            data.close()  # the loader's worker processes
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -401,8 +423,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in previous if m.get("epoch", 0) <= start_epoch))
     test_teacher = val_teacher = None
     if teachers is not None:
-        val_teacher = teachers.predict(data, data.val_x, cfg.eval_batch_size, cfg.channels_last)
-        test_teacher = teachers.predict(data, data.test_x, cfg.eval_batch_size, cfg.channels_last)
+        val_teacher = teachers.predict(data, "val", cfg.eval_batch_size, cfg.channels_last)
+        test_teacher = teachers.predict(data, "test", cfg.eval_batch_size, cfg.channels_last)
     use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
     cache = None
     if use_teacher_in_step and cfg.teacher.cache.mode != "off":
@@ -417,10 +439,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                        smoothing_mode=loss_cfg.smoothing_mode)
     steps_per_epoch = math.ceil(len(data.train_y) / opt_cfg.batch_size)
     params = list(model.parameters())
-    n_train, batch_size, aug = len(data.train_y), opt_cfg.batch_size, data.augmentation
-    # the training split lives on the device (CIFAR-100: 150 MB of uint8); index, views and
-    # the data order are drawn on the CPU by the checkpointed generator, as on a CPU run
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    n_train, batch_size = len(data.train_y), opt_cfg.batch_size
     done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
     train_time = sum(m["epoch_time_s"] for m in done_epochs)
 
@@ -432,13 +451,17 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        order = torch.randperm(n_train, generator=generator)
-        for step_in_epoch, begin in enumerate(range(0, n_train, batch_size)):
-            index = order[begin : begin + batch_size]
-            views = aug.sample(len(index), generator)
-            index_d = index.to(device, non_blocking=True)
-            x = _to_device_layout(data.prepare(aug.apply(train_x[index_d], views)), cfg.channels_last)
-            y = train_y[index_d]
+        seen, skipped = 0, 0
+        # the data order and each sample's view come from the checkpointed generator (drawn
+        # on the CPU); in-memory data is augmented on the device, streamed data by the loader
+        batches = data.epoch_batches(generator, batch_size, device)
+        for step_in_epoch, (raw, y, index, views, bad) in enumerate(batches):
+            skipped += bad
+            if raw is None:  # every image of the batch unreadable (data.on_bad_image=skip)
+                continue
+            seen += len(index)
+            x = _to_device_layout(data.prepare(raw), cfg.channels_last)
+            y = y.to(device, non_blocking=True)
             with _autocast(cfg.bf16, device.type):
                 logits = model(x)
             if cache is not None:
@@ -463,19 +486,22 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             torch.cuda.synchronize(device)  # the epoch's kernels are queued, not finished
         epoch_time = time.perf_counter() - started
         train_time += epoch_time
-        train_loss = (loss_sum / n_train).item()
+        train_loss = (loss_sum / max(seen, 1)).item()
         if not math.isfinite(train_loss):
             kept = (f"epoch {epoch} is checkpointed: the run resumes from it" if epoch > 0 else
                     "no epoch finished, so nothing was kept")
             raise RunError(f"{run_dir}: training loss became {train_loss} in epoch {epoch + 1} "
                            f"(lower optim.lr or set optim.grad_clip; {kept})")
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / n_train,
-                  "epoch_time_s": epoch_time, "images_per_s": n_train / epoch_time}
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
+                  "epoch_time_s": epoch_time, "images_per_s": seen / epoch_time}
+        if skipped:
+            record["skipped_images"] = skipped
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs:
             for split, teacher_logits in (("val", val_teacher), ("test", test_teacher)):
-                x, y = data.split(split)
+                y = data.split_labels(split)
                 if len(y):
-                    logits = predict(model, data, x, cfg.eval_batch_size, bf16=cfg.bf16, channels_last=cfg.channels_last)
+                    logits = predict_split(model, data, split, cfg.eval_batch_size, bf16=cfg.bf16,
+                                           channels_last=cfg.channels_last)
                     record.update(_metrics(split, logits, y, teacher_logits))
         with open(metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -497,15 +523,17 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         cache.save()
 
     for split in ("train", "val", "test"):
-        x, y = data.split(split)
-        logits, features = predict(model, data, x, cfg.eval_batch_size, features=True, bf16=cfg.bf16,
-                                   channels_last=cfg.channels_last)
+        y = data.split_labels(split)
+        if data.streamed and split == "train" and len(y) > STREAMED_TRAIN_EVAL_MAX:
+            continue  # ImageNet-size: 1.28M × 2048 features; analyses use val/test
+        logits, features = predict_split(model, data, split, cfg.eval_batch_size, features=True, bf16=cfg.bf16,
+                                         channels_last=cfg.channels_last)
         # train: unaugmented, with the (possibly noisy) training labels; features in fp16 to keep it small
         arrays = {"logits": logits.numpy(), "labels": y.numpy(),
                   "features": features.half().numpy() if split == "train" else features.numpy()}
         teacher_logits = {"val": val_teacher, "test": test_teacher}.get(split)
         if split == "train" and teachers is not None:
-            teacher_logits = teachers.predict(data, x, cfg.eval_batch_size, cfg.channels_last)
+            teacher_logits = teachers.predict(data, "train", cfg.eval_batch_size, cfg.channels_last)
         if teacher_logits is not None:
             arrays["teacher_logits"] = teacher_logits.numpy()
         atomic_save_npz(run_dir / f"eval_{split}.npz", **arrays)

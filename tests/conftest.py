@@ -70,3 +70,27 @@ def write_cifar_batch(path: Path, data, labels, key: bytes = b"fine_labels") -> 
     malformed-file tests)."""
     with open(path, "wb") as handle:
         pickle.dump({b"data": data, key: labels, b"batch_label": b"x"}, handle, protocol=2)
+
+
+def write_image_folder(root: Path, train_per_class: int = 12, val_per_class: int = 4, classes: int = 4,
+                       size: int = 24, seed: int = 0) -> Path:
+    """ImageNet's layout (root/train/<class>/*, root/val/<class>/*) of real images:
+    scikit-learn's 8×8 digits, upscaled and saved by Pillow, half PNG and half JPEG, in
+    sizes and aspect ratios that vary from image to image."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    bunch = load_digits()
+    images = np.clip(bunch.images * 16, 0, 255).astype(np.uint8)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(classes):
+            folder = root / split / f"class_{label:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            picks = rng.choice(np.flatnonzero(bunch.target == label), per_class, replace=False)
+            for k, i in enumerate(picks):
+                width, height = size + int(rng.integers(0, size // 2)), size + int(rng.integers(0, size // 3))
+                image = Image.fromarray(images[i]).resize((width, height), Image.BILINEAR).convert("RGB")
+                suffix = ".png" if k % 2 == 0 else ".jpg"
+                image.save(folder / f"{split}_{i:04d}{suffix}")
+    return root

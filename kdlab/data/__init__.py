@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .augment import AUGMENTATIONS, Augmentation, get_augmentation
 from .sources import (
     FASHION_MNIST_DEBIAN_DIR,
@@ -36,6 +36,7 @@ DATASETS = {
     "fashion-mnist": ("shift2", 10),
     "cifar10": ("crop_flip", 10),
     "cifar100": ("crop_flip", 100),
+    "imagefolder": ("resized_crop_flip", None),  # streamed from disk (imagefolder.py); classes from the folders
 }
 
 __all__ = ["Dataset", "load_dataset", "check_data_source", "add_label_noise", "Augmentation", "get_augmentation",
@@ -58,6 +59,7 @@ class Dataset:
     noisy_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     clean_train_y: torch.Tensor | None = None
     _device_stats: dict = field(default_factory=dict, repr=False, compare=False)
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -78,6 +80,31 @@ class Dataset:
         if cached is None:
             cached = self._device_stats[device] = (self.mean.to(device), self.std.to(device))
         return cached
+
+    streamed = False  # in memory (the fast path); kdlab.data.imagefolder streams from disk
+
+    def split_labels(self, split: str) -> torch.Tensor:
+        return self.split(split)[1]
+
+    def epoch_batches(self, generator: torch.Generator, batch_size: int, device: torch.device):
+        """One epoch in the generator's order: (augmented raw batch on ``device``, labels,
+        sample indices, view ids, 0 skipped). The training split is copied to the device
+        once; the order and the views are drawn on the CPU, batch by batch."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.train_x.to(device), self.train_y.to(device))
+        train_x, train_y = self._on_device[device]
+        order = torch.randperm(len(self.train_y), generator=generator)
+        for begin in range(0, len(order), batch_size):
+            index = order[begin : begin + batch_size]
+            views = self.augmentation.sample(len(index), generator)
+            index_d = index.to(device, non_blocking=True)
+            yield self.augmentation.apply(train_x[index_d], views), train_y[index_d], index, views, 0
+
+    def eval_batches(self, split: str, batch_size: int, device: torch.device):
+        """Raw (unaugmented) batches of ``split`` on ``device``."""
+        x = self.split(split)[0]
+        for start in range(0, len(x), batch_size):
+            yield x[start : start + batch_size].to(device)
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in ("train", "val", "test"):
@@ -140,6 +167,14 @@ def check_data_source(cfg) -> None:
         check_mnist1d_size(cfg.num_samples)
     if cfg.name in FILE_LAYOUTS:
         check_dataset_dir(_data_root(cfg), FILE_LAYOUTS[cfg.name], cfg.name)
+    if cfg.name == "imagefolder":
+        if not cfg.root:
+            raise DataError("imagefolder: data.root is not set (a folder with train/<class>/ and val/<class>/ "
+                            "image folders, ImageNet's layout); set it, e.g. data.root=/path/to/imagenet")
+        for split in ("train", "val"):
+            if not (Path(cfg.root) / split).is_dir():
+                raise DataError(f"imagefolder: {Path(cfg.root) / split} is not a directory (data.root must hold "
+                                "train/<class>/ and val/<class>/ image folders)")
 
 
 def _read_arrays(cfg):
@@ -177,6 +212,13 @@ def load_dataset(cfg) -> Dataset:
     the source (check_data_source), then the arrays (_check_arrays) and that the
     augmentation fits their shape (Augmentation.check, a ConfigError on data.augment)."""
     check_data_source(cfg)
+    if cfg.name == "imagefolder":
+        if cfg.augment not in ("auto", "none", "resized_crop_flip"):
+            raise ConfigError(f"config key 'data.augment': {cfg.augment} is for in-memory data; image folders take "
+                              "auto (= resized_crop_flip, ImageNet's RandomResizedCrop + flip) or none")
+        from .imagefolder import load_imagefolder
+
+        return load_imagefolder(cfg)
     default_aug, num_classes = DATASETS[cfg.name]
     train_x, train_y, test_x, test_y = _read_arrays(cfg)
     _check_arrays(cfg.name, num_classes, train_x, train_y, test_x, test_y)

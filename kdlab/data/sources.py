@@ -76,6 +76,7 @@ FILE_LAYOUTS = {"mnist": IDX_LAYOUT, "fashion-mnist": IDX_LAYOUT, "cifar10": CIF
 OPTIONAL_PACKAGES = {
     "digits": ("sklearn", "the digits dataset needs scikit-learn: pip install 'kdlab[demo]'"),
     "mnist1d": ("mnist1d", "MNIST-1D needs the mnist1d package: pip install 'kdlab[demo]'"),
+    "imagefolder": ("PIL", "image folders are decoded with Pillow: pip install 'kdlab[images]'"),
 }
 
 

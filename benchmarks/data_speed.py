@@ -1,0 +1,137 @@
+"""The streamed image-folder path: how many images per second it delivers.
+
+    python benchmarks/data_speed.py [--quick] [--root IMAGE_FOLDER] [--workers 0,1,2]
+
+Measured on JPEG files of ImageNet's typical size (500×375, quality 90): by default a
+folder made here from scikit-learn's digits, upscaled and tinted (smooth content, like
+photographs, not noise, which decodes slower); ``--root`` measures a real folder
+(``root/train/<class>/*``). Rows:
+
+1. decode + RandomResizedCrop + flip to 224×224 (Pillow: decode, one ``resize`` with
+   the crop box, transpose), in this process, per core;
+2. the same + normalisation of the batch (``ImageFolderData.prepare``);
+3. the evaluation view (resize the shorter side to 256, centre crop 224), per core;
+4. whole epochs through kdlab's loader (``ImageFolderData.epoch_batches``: views drawn
+   by the generator, workers decode) with 0, 1, 2, … worker processes, after a warm-up
+   pass (worker start-up is excluded: workers persist across epochs).
+
+torchvision.io is the other decoder the issue names; torchvision's wheels do not import
+beside this project's torch 2.13.0 CPU build here, so Pillow is the one measured (and
+used). Prints a table and writes benchmarks/results/data_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kdlab.config import DataConfig  # noqa: E402
+from kdlab.data.imagefolder import VIEW_PARAMS, _Images, load_imagefolder  # noqa: E402
+
+from train_speed import _cpu  # noqa: E402
+
+
+def write_jpeg_folder(root: Path, images: int, classes: int = 10, size=(500, 375), seed: int = 0) -> Path:
+    """``images`` JPEGs in ImageNet's layout (train/ and a small val/), smooth content."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    digits = load_digits()
+    ramp = np.linspace(0, 1, size[0])[None, :, None] * np.linspace(0.3, 1, size[1])[:, None, None]
+    for split, count in (("train", images), ("val", classes)):
+        for k in range(count):
+            label = k % classes
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            digit = Image.fromarray(np.clip(digits.images[rng.integers(len(digits.images))] * 16, 0, 255).astype(np.uint8))
+            gray = np.asarray(digit.resize(size, Image.BICUBIC), dtype=np.float32)[:, :, None] / 255
+            tint = rng.random(3)
+            rgb = (255 * (0.6 * gray * tint + 0.4 * ramp * tint[::-1])).clip(0, 255).astype(np.uint8)
+            Image.fromarray(rgb).save(folder / f"{k:06d}.jpg", quality=90)
+    return root
+
+
+def per_core(data, count: int, train_view: bool) -> float:
+    """Images/s of decoding + the view in this process (one core)."""
+    dataset = _Images(data.files, data.labels, data.image_size, data.eval_resize, data.scale, data.ratio, False)
+    rows = np.random.default_rng(0).random((count, VIEW_PARAMS))
+    n = len(data.files["train"])
+    started = time.perf_counter()
+    for k in range(count):
+        dataset[("train", k % n, rows[k] if train_view else None)]
+    return count / (time.perf_counter() - started)
+
+
+def with_normalise(data, count: int, batch: int = 64) -> float:
+    dataset = _Images(data.files, data.labels, data.image_size, data.eval_resize, data.scale, data.ratio, False)
+    rows = np.random.default_rng(1).random((count, VIEW_PARAMS))
+    n = len(data.files["train"])
+    started = time.perf_counter()
+    for begin in range(0, count, batch):
+        items = [dataset[("train", k % n, rows[k])] for k in range(begin, min(begin + batch, count))]
+        data.prepare(torch.stack([i[0] for i in items]))
+    return count / (time.perf_counter() - started)
+
+
+def through_loader(cfg: DataConfig, workers: int, epochs: int, batch: int = 64) -> float:
+    data = load_imagefolder(cfg, num_workers=workers)
+    generator = torch.Generator().manual_seed(0)
+    device = torch.device("cpu")
+    for _ in data.epoch_batches(generator, batch, device):  # warm-up: workers start, files cached
+        pass
+    seen, started = 0, time.perf_counter()
+    for _ in range(epochs):
+        for x, _, _, _, _ in data.epoch_batches(generator, batch, device):
+            data.prepare(x)
+            seen += len(x)
+    rate = seen / (time.perf_counter() - started)
+    data.close()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images (a few minutes in all)")
+    parser.add_argument("--root", help="a real image folder (root/train/<class>/*, root/val/<class>/*)")
+    parser.add_argument("--workers", default="0,1,2", help="loader worker counts to measure")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_speed.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    count = 300 if args.quick else 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.root) if args.root else write_jpeg_folder(Path(tmp) / "jpegs", count)
+        cfg = DataConfig(name="imagefolder", root=str(root), image_size=224, val_size=0)
+        data = load_imagefolder(cfg, num_workers=0)
+        rows = [("decode + RandomResizedCrop 224 + flip, 1 core", per_core(data, count, True)),
+                ("  + normalise (batches of 64), 1 core", with_normalise(data, count)),
+                ("decode + resize 256 + centre crop 224 (eval), 1 core", per_core(data, count, False))]
+        for workers in (int(w) for w in args.workers.split(",")):
+            rate = through_loader(cfg, workers, 1 if args.quick else 2)
+            rows.append((f"kdlab loader epoch, {workers} worker process(es)", rate))
+    print(f"\nimage-folder path, JPEG 500×375 → 224×224 ({os.cpu_count()} cores, {_cpu()}, torch {torch.__version__})\n")
+    print(f"| {'measurement':58s} | images/s |\n|{'-' * 60}|---------:|")
+    for name, rate in rows:
+        print(f"| {name:58s} | {rate:8.1f} |")
+    result = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+                          "torch": torch.__version__},
+              "images": "user folder" if args.root else f"{count} synthetic smooth JPEGs 500x375 q90",
+              "rows": [{"measurement": name, "images_per_s": rate} for name, rate in rows],
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

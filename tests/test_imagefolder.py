@@ -1,0 +1,169 @@
+"""Image folders streamed from disk: views drawn by the run's generator, the same batches
+whatever the loader's worker count, a SIGKILLed run resumed exactly, unreadable images."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_image_folder
+from kdlab.cli import main
+from kdlab.config import build_config
+from kdlab.data import load_dataset
+from kdlab.data.imagefolder import ATTEMPTS, VIEW_PARAMS, centre_box, crop_box
+from kdlab.runs import read_metrics
+from kdlab.train import train
+
+pytest.importorskip("PIL")
+TIME_KEYS = {"epoch_time_s", "images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images") / "digits", train_per_class=15, val_per_class=5)
+
+
+def _config(root, out_dir, workers=2, **extra):
+    data = {"out_dir": str(out_dir), "threads": 1,
+            "data": {"name": "imagefolder", "root": str(root), "image_size": 16, "val_size": 12,
+                     "loader_workers": workers},
+            "model": {"name": "mlp-32"}, "optim": {"epochs": 4, "batch_size": 8, "lr": 0.02, "schedule": "cosine"}}
+    for key, value in extra.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(data)
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        width, height = int(rng.integers(8, 400)), int(rng.integers(8, 400))
+        row = rng.random(VIEW_PARAMS)
+        (left, top, right, bottom), flip = crop_box(width, height, row)
+        w, h = right - left, bottom - top
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height and flip == (row[-1] < 0.5)
+        fallback = all(  # no attempt fits: the centre crop of the clamped aspect ratio
+            not (0 < round(math.sqrt(width * height * (0.08 + 0.92 * row[2 * a]) * math.exp(
+                math.log(3 / 4) + math.log(16 / 9) * row[2 * a + 1]))) <= width) or
+            not (0 < round(math.sqrt(width * height * (0.08 + 0.92 * row[2 * a]) / math.exp(
+                math.log(3 / 4) + math.log(16 / 9) * row[2 * a + 1]))) <= height) for a in range(ATTEMPTS))
+        if not fallback:  # the box of the first attempt that fits: area and aspect within range
+            assert 0.08 * width * height * 0.8 <= w * h <= width * height
+            assert 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.25
+    assert centre_box(400, 300, 256, 224) == (200 - 131.25, 150 - 131.25, 200 + 131.25, 150 + 131.25)
+
+
+def test_batches_depend_on_the_generator_not_on_the_worker_count(folder, tmp_path):
+    batches = {}
+    for workers in (0, 2):
+        data = load_dataset(_config(folder, tmp_path, workers).data)
+        assert data.input_shape == (3, 16, 16) and data.num_classes == 4 and len(data.train_y) == 48
+        generator = torch.Generator().manual_seed(7)
+        batches[workers] = list(data.epoch_batches(generator, 8, torch.device("cpu")))
+        evals = list(data.eval_batches("test", 8, torch.device("cpu")))
+        data.close()
+        assert sum(len(b) for b in evals) == 20 and evals[0].dtype == torch.uint8
+    for (x0, y0, i0, v0, s0), (x2, y2, i2, v2, s2) in zip(batches[0], batches[2]):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2) and torch.equal(i0, i2) and torch.equal(v0, v2)
+        assert x0.shape[1:] == (3, 16, 16) and v0.shape[1] == VIEW_PARAMS and s0 == s2 == 0
+    x_a = torch.cat([b[0] for b in batches[0]])
+    data = load_dataset(_config(folder, tmp_path, 0).data)
+    x_b = torch.cat([b[0] for b in data.epoch_batches(torch.Generator().manual_seed(8), 8, torch.device("cpu"))])
+    assert not torch.equal(x_a, x_b)  # another seed: other order and crops
+
+
+def _start(config_path: Path, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, "-m", "kdlab", "train", str(config_path), "--no-progress"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_sigkilled_imagefolder_run_with_two_loader_workers_resumes_exactly(folder, tmp_path):
+    reference = train(_config(folder, tmp_path / "ref", workers=0), progress=False, log=lambda *a: None)
+    cfg = _config(folder, tmp_path / "run", workers=2)
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(cfg.to_yaml())
+    process = _start(config_path, tmp_path)
+    metrics = cfg.run_dir() / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count('"train_loss"') >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (cfg.run_dir() / "result.json").exists()
+    resumed = _start(config_path, tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming after epoch" in out
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rs]  # noqa: E731
+    assert strip(read_metrics(cfg.run_dir())) == strip(read_metrics(reference["run_dir"]))
+    a = torch.load(cfg.run_dir() / "model.pt", weights_only=True)
+    b = torch.load(Path(reference["run_dir"]) / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with np.load(cfg.run_dir() / "eval_test.npz") as test:
+        assert test["logits"].shape == (20, 4) and test["features"].shape == (20, 32)
+
+
+def test_a_student_with_an_online_teacher_on_streamed_crops(folder, tmp_path):
+    teacher = train(_config(folder, tmp_path, workers=0, name="teacher", optim={"epochs": 2}),
+                    progress=False, log=lambda *a: None)
+    student = _config(folder, tmp_path, workers=0, name="student", optim={"epochs": 2},
+                      loss={"alpha": 0.5, "tau": 4.0}, teacher={"runs": [teacher["run_dir"]]})
+    result = train(student, progress=False, log=lambda *a: None)
+    assert "test_agreement" in result["final"] and math.isfinite(result["final"]["train_loss"])
+    with pytest.raises(Exception, match="unbounded: use mode=off"):
+        train(_config(folder, tmp_path, workers=0, name="cached", loss={"alpha": 1.0},
+                      teacher={"runs": [teacher["run_dir"]], "cache": {"mode": "lazy"}}), progress=False)
+
+
+def test_an_unreadable_image_is_one_line_or_skipped_and_counted(folder, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(folder, root)
+    victim = sorted((root / "train" / "class_01").iterdir())[3]
+    victim.write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    argv = ["train", "--no-progress", "data.name=imagefolder", f"data.root={root}", "data.image_size=16",
+            "data.val_size=12", "data.loader_workers=2", "model.name=mlp-16", "optim.epochs=2", "optim.batch_size=8",
+            f"out_dir={out}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdlab: error: unreadable image") and victim.name in err and err.count("\n") == 1
+    assert not out.exists()  # failed in its first epoch: nothing left
+    assert main(argv + ["data.on_bad_image=skip"]) == 0
+    (run_dir,) = out.iterdir()
+    records = read_metrics(run_dir)
+    assert all(r["skipped_images"] == 1 for r in records)  # the victim is in the training split, every epoch
+
+
+def test_imagefolder_bad_input(folder, tmp_path, capsys):
+    cases = [
+        (["data.name=imagefolder"], "data.root is not set"),
+        (["data.name=imagefolder", f"data.root={tmp_path}"], "is not a directory"),
+        (["data.name=imagefolder", f"data.root={folder}", "data.augment=crop_flip"], "data.augment"),
+        (["data.name=imagefolder", f"data.root={folder}", "data.eval_resize=8"], "eval_resize"),
+        (["data.name=imagefolder", f"data.root={folder}", "data.crop_scale=[0.5,0.1]"], "crop_scale"),
+        (["data.name=imagefolder", f"data.root={folder}", "mutual_information.every_steps=5"], "streamed"),
+        (["data.name=imagefolder", f"data.root={folder}", "data.image_size=16", "model.name=cnn1d-8"], "model.name"),
+    ]
+    for overrides, fragment in cases:
+        assert main(["train", "--no-progress", f"out_dir={tmp_path / 'o'}", *overrides]) == 2, overrides
+        err = capsys.readouterr().err
+        assert err.startswith("kdlab: error:") and fragment in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_new_data_keys_leave_existing_run_hashes_alone():
+    cfg = build_config({"data": {"name": "digits"}})
+    assert cfg.run_hash() == build_config({"data": {"name": "digits", "loader_workers": 3}}).run_hash()
+    assert cfg.run_hash() != build_config({"data": {"name": "digits", "image_size": 32}}).run_hash()
+    assert json.loads(cfg.model_dump_json())["data"]["image_size"] == 224
