@@ -13,7 +13,11 @@ photographs, not noise, which decodes slower); ``--root`` measures a real folder
 3. the evaluation view (resize the shorter side to 256, centre crop 224), per core;
 4. whole epochs through kdlab's loader (``ImageFolderData.epoch_batches``: views drawn
    by the generator, workers decode) with 0, 1, 2, … worker processes, after a warm-up
-   pass (worker start-up is excluded: workers persist across epochs).
+   pass (worker start-up is excluded: workers persist across epochs);
+5. building a teacher store (``teacher_store.py``: crops drawn, decoded by 2 loader
+   workers, teacher forward, fp16 shards written) with a small MLP teacher, so that the
+   row shows the store's own cost; a real teacher adds its forward time (ResNet-152 on
+   a GPU, for Kim's Table 5).
 
 torchvision.io is the other decoder the issue names; torchvision's wheels do not import
 beside this project's torch 2.13.0 CPU build here, so Pillow is the one measured (and
@@ -101,6 +105,33 @@ def through_loader(cfg: DataConfig, workers: int, epochs: int, batch: int = 64) 
     return rate
 
 
+class _OneTeacher:
+    """A teacher as the store takes it: models, device, a call on a prepared batch."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.models, self.device, self.channels_last = [model.eval()], torch.device("cpu"), False
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+        return self.models[0](x).float()
+
+
+def store_build(cfg: DataConfig, crops: int, out: Path) -> float:
+    from kdlab.config import TeacherStoreConfig
+    from kdlab.models import build_model
+    from kdlab.teacher_store import TeacherStore
+
+    data = load_imagefolder(cfg, num_workers=2)
+    torch.manual_seed(0)
+    teacher = _OneTeacher(build_model("mlp-64", data.num_classes, input_shape=data.input_shape))
+    store = TeacherStore(teacher, data, TeacherStoreConfig(crops=crops, shard_size=256), out, log=lambda *a: None)
+    started = time.perf_counter()
+    store.build(256, progress=False)
+    rate = len(data.labels["train"]) * crops / (time.perf_counter() - started)
+    data.close()
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images (a few minutes in all)")
@@ -120,6 +151,7 @@ def main() -> None:
         for workers in (int(w) for w in args.workers.split(",")):
             rate = through_loader(cfg, workers, 1 if args.quick else 2)
             rows.append((f"kdlab loader epoch, {workers} worker process(es)", rate))
+        rows.append(("teacher store build, 2 workers, mlp-64 teacher (crops/s)", store_build(cfg, 2, Path(tmp) / "st")))
     print(f"\nimage-folder path, JPEG 500×375 → 224×224 ({os.cpu_count()} cores, {_cpu()}, torch {torch.__version__})\n")
     print(f"| {'measurement':58s} | images/s |\n|{'-' * 60}|---------:|")
     for name, rate in rows:

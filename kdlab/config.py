@@ -129,9 +129,21 @@ class TeacherCacheConfig(_Strict):
     dir: Optional[str] = Field(None, description="where tables are kept and shared (default OUT_DIR/.teacher-cache)")
 
 
+class TeacherStoreConfig(_Strict):
+    crops: int = Field(0, ge=0, le=10000, description="streamed data (imagefolder): FKD-style store of M crops per "
+                       "training image, drawn once, with the teacher's logits for each; training draws among them "
+                       "and no teacher runs. 0 = off (teacher online)")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage of the logits (float32: exact "
+                                                 "to float rounding)")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the stored crops")
+    shard_size: int = Field(4096, gt=0, description="images per shard file (not part of the hash)")
+    dir: Optional[str] = Field(None, description="where stores are kept and shared (default OUT_DIR/.teacher-store)")
+
+
 class TeacherConfig(_Strict):
     runs: list[str] = Field(min_length=1, description="finished run dirs; several = ensemble (mean logits)")
     cache: TeacherCacheConfig = TeacherCacheConfig()
+    store: TeacherStoreConfig = TeacherStoreConfig()
 
 
 class MutualInformationConfig(_Strict):
@@ -190,6 +202,10 @@ class Config(_Strict):
             cache = payload["teacher"].pop("cache")
             if cache["dtype"] != "float32":
                 payload["teacher"]["cache_dtype"] = cache["dtype"]
+            # a store decides which crops the student sees (and fp16 logits): in the hash when on
+            store = payload["teacher"].pop("store")
+            if store["crops"]:
+                payload["teacher"]["store"] = {k: store[k] for k in ("crops", "dtype", "seed")}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -42,6 +42,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CHUNK = 128  # rows per teacher forward when filling the table (see the module docstring)
 
 
+def canonical_logits(teachers, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Teacher logits (float32, on the teachers' device) of a prepared batch, computed in
+    chunks of exactly CHUNK rows (the last padded with copies of a row) in the teachers'
+    memory layout, so that each row's logits do not depend on the batch it came in."""
+    device = getattr(teachers, "device", torch.device("cpu"))
+    channels_last = getattr(teachers, "channels_last", False)
+    out = []
+    for start in range(0, len(x), CHUNK):
+        part = x[start : start + CHUNK]
+        rows = len(part)
+        if rows < CHUNK:
+            part = torch.cat([part, part[:1].expand(CHUNK - rows, *part.shape[1:])])
+        part = part.to(device)
+        layout = torch.channels_last if channels_last and part.dim() == 4 else torch.contiguous_format
+        out.append(teachers(part.contiguous(memory_format=layout), bf16)[:rows])
+    return torch.cat(out).to(device)
+
+
 def table_bytes(num_samples: int, num_views: int, num_classes: int, dtype: str) -> int:
     return num_samples * num_views * num_classes * torch.empty((), dtype=DTYPES[dtype]).element_size()
 
@@ -115,19 +133,8 @@ class TeacherCache:
             pass
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher logits of a prepared batch, the canonical way: chunks of CHUNK rows (the
-        last padded with copies of a row), in the teachers' layout; float32, on the
-        table's device."""
-        out = []
-        for start in range(0, len(x), CHUNK):
-            part = x[start : start + CHUNK]
-            rows = len(part)
-            if rows < CHUNK:
-                part = torch.cat([part, part[:1].expand(CHUNK - rows, *part.shape[1:])])
-            part = part.to(self.device)
-            layout = torch.channels_last if self.channels_last and part.dim() == 4 else torch.contiguous_format
-            out.append(self.teachers(part.contiguous(memory_format=layout), self.bf16)[:rows])
-        return torch.cat(out).to(self.device)
+        """Teacher logits of a prepared batch, the canonical way (``canonical_logits``)."""
+        return canonical_logits(self.teachers, x, self.bf16)
 
     @property
     def complete(self) -> bool:

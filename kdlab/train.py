@@ -50,6 +50,7 @@ from .runs import (
     torch_load,
 )
 from .teacher_cache import TeacherCache, table_bytes
+from .teacher_store import TeacherStore
 
 
 def resolve_device(name: str) -> torch.device:
@@ -283,7 +284,11 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
                               f"{cfg.data.name} is streamed from disk")
         if cfg.teacher is not None and cfg.loss.alpha > 0 and cfg.teacher.cache.mode != "off":
             raise ConfigError(f"teacher.cache.mode={cfg.teacher.cache.mode}: the exact (sample, view) table needs "
-                              f"finite views; {cfg.data.name}'s random resized crops are unbounded: use mode=off")
+                              f"finite views; {cfg.data.name}'s random resized crops are unbounded: use "
+                              "teacher.store.crops=M (stored crops) or the online teacher (mode=off)")
+    elif cfg.teacher is not None and cfg.teacher.store.crops:
+        raise ConfigError("teacher.store.crops: the crop store is for streamed data (data.name=imagefolder); "
+                          "in-memory data has the exact teacher cache (teacher.cache.mode=lazy|full)")
     check_memory(cfg, data, num_params, device)
     probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
 
@@ -426,8 +431,12 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         val_teacher = teachers.predict(data, "val", cfg.eval_batch_size, cfg.channels_last)
         test_teacher = teachers.predict(data, "test", cfg.eval_batch_size, cfg.channels_last)
     use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
-    cache = None
-    if use_teacher_in_step and cfg.teacher.cache.mode != "off":
+    cache = store = None
+    if use_teacher_in_step and data.streamed and cfg.teacher.store.crops:
+        store = TeacherStore(teachers, data, cfg.teacher.store, Path(cfg.out_dir) / ".teacher-store", log, cfg.bf16)
+        store.build(cfg.eval_batch_size, progress)
+        cache = store  # looked up by (image, crop number): the same call as the exact table
+    if use_teacher_in_step and cfg.teacher.cache.mode != "off" and not data.streamed:
         try:
             cache = TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log, cfg.bf16)
         except MemoryError as err:
@@ -454,7 +463,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         seen, skipped = 0, 0
         # the data order and each sample's view come from the checkpointed generator (drawn
         # on the CPU); in-memory data is augmented on the device, streamed data by the loader
-        batches = data.epoch_batches(generator, batch_size, device)
+        batches = data.epoch_batches(generator, batch_size, device, store) if store else \
+            data.epoch_batches(generator, batch_size, device)
         for step_in_epoch, (raw, y, index, views, bad) in enumerate(batches):
             skipped += bad
             if raw is None:  # every image of the batch unreadable (data.on_bad_image=skip)
@@ -515,11 +525,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                         img_s=f"{record['images_per_s']:.0f}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
             bar.close()
-            if cache is not None:
+            if cache is not None and store is None:
                 cache.save()
             return None
     bar.close()
-    if cache is not None:
+    if cache is not None and store is None:
         cache.save()
 
     for split in ("train", "val", "test"):

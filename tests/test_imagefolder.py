@@ -119,7 +119,7 @@ def test_a_student_with_an_online_teacher_on_streamed_crops(folder, tmp_path):
                       loss={"alpha": 0.5, "tau": 4.0}, teacher={"runs": [teacher["run_dir"]]})
     result = train(student, progress=False, log=lambda *a: None)
     assert "test_agreement" in result["final"] and math.isfinite(result["final"]["train_loss"])
-    with pytest.raises(Exception, match="unbounded: use mode=off"):
+    with pytest.raises(Exception, match="unbounded: use teacher.store.crops=M"):
         train(_config(folder, tmp_path, workers=0, name="cached", loss={"alpha": 1.0},
                       teacher={"runs": [teacher["run_dir"]], "cache": {"mode": "lazy"}}), progress=False)
 

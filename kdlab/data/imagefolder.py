@@ -127,11 +127,11 @@ class _Images(torch.utils.data.Dataset):
                         out = out.transpose(Image.FLIP_LEFT_RIGHT)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             if self.skip_bad:  # left out of a training batch; a black image in evaluation (warned)
-                return torch.zeros((3,) + size, dtype=torch.uint8), int(self.labels[split][index]), index, False, row is not None
+                return torch.zeros((3,) + size, dtype=torch.uint8), int(self.labels[split][index]), index, False, split == "train"
             raise DataError(f"unreadable image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                             "set data.on_bad_image=skip to leave such images out") from None
         array = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return array, int(self.labels[split][index]), index, True, row is not None
+        return array, int(self.labels[split][index]), index, True, split == "train"
 
 
 def _collate(items):
@@ -230,17 +230,24 @@ class ImageFolderData:
         except DataError as err:  # re-raised from a worker with its traceback: keep our line
             raise DataError(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
-    def epoch_batches(self, generator: torch.Generator, batch_size: int, device: torch.device):
+    def epoch_batches(self, generator: torch.Generator, batch_size: int, device: torch.device, store=None):
         """One epoch in the generator's order: (raw uint8 batch on device, labels, sample
-        indices, view rows, skipped count). The order and the view rows are drawn here."""
+        indices, views, skipped count). The order and the views are drawn here: a fresh
+        row of uniforms per sample, or, with a teacher ``store``, one of each image's
+        stored crops (the views are then crop numbers, the rows come from the store)."""
         n = len(self.labels["train"])
         order = torch.randperm(n, generator=generator)
-        rows = torch.rand(n, VIEW_PARAMS, generator=generator, dtype=torch.float64)
-        batches, views = [], []
+        if store is None:
+            views = rows = torch.rand(n, VIEW_PARAMS, generator=generator, dtype=torch.float64)
+        else:
+            views = torch.randint(0, store.crops, (n,), generator=generator)
+            rows = torch.from_numpy(store.rows(order, views).astype(np.float64))
+        batches, batch_views = [], []
         for begin in range(0, n, batch_size):
             index, row = order[begin : begin + batch_size], rows[begin : begin + batch_size]
             batches.append([("train", int(i), r) for i, r in zip(index.tolist(), row.numpy())])
-            views.append(row)
+            batch_views.append(views[begin : begin + batch_size])
+        views = batch_views
         for (x, y, index, skipped), view in zip(self._pass(batches, device), views):
             yield x, y, index, view, skipped
 
@@ -275,6 +282,7 @@ def load_imagefolder(cfg, num_workers: int | None = None) -> ImageFolderData:
     val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
     files = {"train": [train_files[i] for i in train_idx], "val": [train_files[i] for i in val_idx], "test": test_files}
     labels = {"train": train_labels[train_idx], "val": train_labels[val_idx], "test": test_labels}
+    files["store"] = files["train"]  # the training images as a teacher store builds them (none left out)
     image_size = cfg.image_size
     eval_resize = cfg.eval_resize or int(round(image_size / 0.875))
     if eval_resize < image_size:
@@ -290,6 +298,7 @@ def load_imagefolder(cfg, num_workers: int | None = None) -> ImageFolderData:
         data.clean_train_y = torch.from_numpy(labels["train"].copy())
         labels["train"], data.noisy_indices = add_label_noise(labels["train"], len(classes), cfg.label_noise,
                                                               cfg.noise_type, cfg.noise_seed)
+    labels["store"] = labels["train"]
     return data
 
 

@@ -1,0 +1,101 @@
+"""The FKD-style teacher store for streamed data: stored crops and logits equal the
+online teacher's on the same crops, builds resume shard by shard, runs resume exactly."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_image_folder
+from kdlab.config import TeacherStoreConfig, build_config
+from kdlab.data import load_dataset
+from kdlab.losses import distillation_loss
+from kdlab.runs import read_metrics
+from kdlab.teacher_store import TeacherStore
+from kdlab.train import _Teachers, train
+
+pytest.importorskip("PIL")
+TIME_KEYS = {"epoch_time_s", "images_per_s"}
+
+
+def _config(root, out_dir, **extra):
+    data = {"out_dir": str(out_dir), "threads": 1,
+            "data": {"name": "imagefolder", "root": str(root), "image_size": 16, "val_size": 8, "loader_workers": 0},
+            "model": {"name": "mlp-32"}, "optim": {"epochs": 3, "batch_size": 8, "lr": 0.02, "schedule": "cosine"}}
+    for key, value in extra.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(data)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("store")
+    root = write_image_folder(tmp / "digits", train_per_class=10, val_per_class=3)
+    teacher = train(_config(root, tmp / "runs", name="teacher", model={"name": "mlp-64"}, optim={"epochs": 2}),
+                    progress=False, log=lambda *a: None)
+    return root, teacher["run_dir"], tmp
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("float16", 2e-3)])
+def test_stored_logits_equal_the_online_teachers_on_the_same_crops(setup, tmp_path, dtype, tolerance):
+    root, teacher_dir, _ = setup
+    data = load_dataset(_config(root, tmp_path).data)
+    teachers = _Teachers([teacher_dir], data)
+    store = TeacherStore(teachers, data, TeacherStoreConfig(crops=3, dtype=dtype, shard_size=7), tmp_path,
+                         log=lambda *a: None)
+    store.build(batch_size=64, progress=False)
+    generator = torch.Generator().manual_seed(0)
+    crops_seen = set()
+    for raw, y, index, crop, _ in data.epoch_batches(generator, 8, torch.device("cpu"), store):
+        x = data.prepare(raw)
+        online = teachers(x, bf16=False)
+        stored = store.lookup(index, crop, x)
+        scale = online.abs().max().item()
+        assert torch.allclose(stored, online, rtol=tolerance, atol=tolerance * scale)
+        student = torch.randn(len(y), data.num_classes)
+        for kwargs in ({"kd": "kl", "tau": 4.0}, {"kd": "kl", "tau": float("inf")}, {"kd": "mse"}):
+            a = distillation_loss(student, y, stored, alpha=1.0, **kwargs)
+            b = distillation_loss(student, y, online, alpha=1.0, **kwargs)
+            assert torch.allclose(a, b, rtol=10 * tolerance), kwargs
+        crops_seen.update(crop.tolist())
+    assert crops_seen == {0, 1, 2}
+    data.close()
+
+
+def test_a_build_resumes_at_the_missing_shard_and_is_reproducible(setup, tmp_path):
+    root, teacher_dir, _ = setup
+    data = load_dataset(_config(root, tmp_path).data)
+    teachers = _Teachers([teacher_dir], data)
+    cfg = TeacherStoreConfig(crops=2, dtype="float32", shard_size=10)
+    store = TeacherStore(teachers, data, cfg, tmp_path / "a", log=lambda *a: None)
+    store.build(64, progress=False)
+    shards = sorted(store.path.glob("shard-*.logits.npy"))
+    assert len(shards) == 4  # 32 training images / 10
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    shards[2].unlink()
+    shards[1].write_bytes(b"truncated")
+    store.build(64, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (shards[0], shards[3])} == {p: stamps[p] for p in (shards[0], shards[3])}
+    other = TeacherStore(teachers, data, cfg, tmp_path / "b", log=lambda *a: None)
+    other.build(64, progress=False)
+    for name in ("shard-00001.rows.npy", "shard-00001.logits.npy", "shard-00002.logits.npy"):
+        assert np.array_equal(np.load(store.path / name), np.load(other.path / name))
+
+
+def test_a_student_on_the_store_trains_and_resumes_exactly(setup, tmp_path):
+    root, teacher_dir, _ = setup
+    student = dict(name="student", loss={"alpha": 0.9, "tau": 4.0},
+                   teacher={"runs": [teacher_dir], "store": {"crops": 4}})
+    full = train(_config(root, tmp_path / "a", **student), progress=False, log=lambda *a: None)
+    cfg = _config(root, tmp_path / "b", **student)
+    assert train(cfg, progress=False, stop_after_epoch=1, log=lambda *a: None) is None
+    resumed = train(cfg, progress=False, log=lambda *a: None)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rs]  # noqa: E731
+    assert strip(read_metrics(full["run_dir"])) == strip(read_metrics(resumed["run_dir"]))
+    assert len(list((tmp_path / "b" / ".teacher-store").glob("teacher-store-*/shard-*.logits.npy"))) == 1
+    online = build_config({**cfg.model_dump(), "teacher": {"runs": [teacher_dir]}})
+    assert online.run_hash() != cfg.run_hash()  # the store decides the crops: part of the identity
+    assert build_config({**online.model_dump(), "teacher": {"runs": [teacher_dir], "store": {"crops": 0}}}).run_hash() \
+        == online.run_hash()
+    assert Path(resumed["run_dir"]).name.startswith("student-")
