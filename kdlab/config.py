@@ -136,6 +136,8 @@ class TeacherStoreConfig(_Strict):
     dtype: Literal["float16", "float32"] = Field("float16", description="storage of the logits (float32: exact "
                                                  "to float rounding)")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the stored crops")
+    top_k: Optional[int] = Field(None, ge=1, description="store only the k largest teacher probabilities at the "
+                                 "loss's τ (FKD): smaller, KL at finite τ only; the missing mass is spread evenly")
     shard_size: int = Field(4096, gt=0, description="images per shard file (not part of the hash)")
     dir: Optional[str] = Field(None, description="where stores are kept and shared (default OUT_DIR/.teacher-store)")
 
@@ -206,6 +208,8 @@ class Config(_Strict):
             store = payload["teacher"].pop("store")
             if store["crops"]:
                 payload["teacher"]["store"] = {k: store[k] for k in ("crops", "dtype", "seed")}
+                if store["top_k"] is not None:
+                    payload["teacher"]["store"]["top_k"] = store["top_k"]
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -6,13 +6,17 @@ every view (``teacher_cache.py`` does that for finite views). Instead, for every
 training image, ``teacher.store.crops`` = M crops are drawn once from a seeded generator
 (rows of uniforms, as ``data/imagefolder.py`` turns into crop boxes and flips) and the
 teacher's logits on each are stored, all K of them (float16, or float32 to be exact up
-to float rounding). Training then draws, per (epoch, sample), one of the M stored crops
+to float rounding), or (``top_k``) only the k largest teacher probabilities at the
+loss's τ with their classes (FKD's compact form, KL at finite τ only: the missing mass
+is spread evenly over the other classes, and the lookup returns logits τ·log p̃ whose
+softmax at τ is that distribution). Training then draws, per (epoch, sample), one of the M stored crops
 with the run's generator: the student sees that crop and is taught by its stored
 logits, so teacher and student see the same crop and no teacher runs.
 
 On disk, ``<dir>/teacher-store-<key>/`` holds ``store.json`` (what it is) and one pair
 of ``.npy`` shards per ``shard_size`` images: ``shard-NNNNN.rows.npy`` (S, M, P) float32
-crop rows and ``shard-NNNNN.logits.npy`` (S, M, K). Shards are written atomically and
+crop rows and ``shard-NNNNN.logits.npy`` (S, M, K) — or, top-k, ``.index.npy`` (S, M, k)
+int32 classes and ``.probs.npy`` (S, M, k) probabilities. Shards are written atomically and
 read memory-mapped; a build killed half-way resumes at the first missing shard, and one
 build runs at a time (a file lock). The key covers the teachers' weights, the training
 files (relative paths and sizes), the view settings, M, the seed, the dtype and how the
@@ -24,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -39,11 +44,21 @@ from .teacher_cache import CHUNK, canonical_logits
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
+def format_bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.3g} {unit}"
+        count /= 1000
+
+
 def store_bytes(num_images: int, crops: int, num_classes: int, dtype: str) -> int:
     return num_images * crops * num_classes * np.dtype(DTYPES[dtype]).itemsize
 
 
-def store_key(teachers, data, cfg, bf16: bool) -> str:
+FLOOR = 1e-12  # top-k: smallest probability a class gets (log 0 would make the KL nan)
+
+
+def store_key(teachers, data, cfg, bf16: bool, tau: float | None = None) -> str:
     digest = hashlib.sha256()
     for model in teachers.models:
         for name, tensor in sorted(model.state_dict().items()):
@@ -54,6 +69,7 @@ def store_key(teachers, data, cfg, bf16: bool) -> str:
         digest.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}:{label}\n".encode())
     digest.update(json.dumps({"image_size": data.image_size, "scale": list(data.scale), "ratio": list(data.ratio),
                               "crops": cfg.crops, "seed": cfg.seed, "dtype": cfg.dtype, "chunk": CHUNK, "bf16": bf16,
+                              "top_k": cfg.top_k, "tau": tau if cfg.top_k else None,
                               "channels_last": getattr(teachers, "channels_last", False),
                               "device": getattr(teachers, "device", torch.device("cpu")).type}).encode())
     return digest.hexdigest()[:16]
@@ -66,34 +82,43 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class TeacherStore:
-    def __init__(self, teachers, data, cfg, default_dir: Path, log=print, bf16: bool = False):
+    def __init__(self, teachers, data, cfg, default_dir: Path, log=print, bf16: bool = False, tau: float = 1.0):
         from .data.imagefolder import VIEW_PARAMS
 
-        self.teachers, self.data, self.cfg, self.bf16 = teachers, data, cfg, bf16
+        self.teachers, self.data, self.cfg, self.bf16, self.tau = teachers, data, cfg, bf16, tau
         self.crops, self.params = cfg.crops, VIEW_PARAMS
         self.num_images, self.num_classes = len(data.labels["train"]), data.num_classes
-        self.key = store_key(teachers, data, cfg, bf16)
+        self.top_k = cfg.top_k
+        if self.top_k is not None and not (self.top_k < self.num_classes and math.isfinite(tau)):
+            raise ValueError(f"teacher.store.top_k={self.top_k} needs k < {self.num_classes} classes and a finite τ")
+        self.key = store_key(teachers, data, cfg, bf16, tau)
         self.path = Path(cfg.dir or default_dir) / f"teacher-store-{self.key}"
         self.shards = -(-self.num_images // cfg.shard_size)
-        size = store_bytes(self.num_images, self.crops, self.num_classes, cfg.dtype)
-        log(f"teacher store: {self.num_images:,} images × {self.crops} crops × {self.num_classes} logits × "
-            f"{cfg.dtype} = {size / 1e9:.3g} GB (+ crop rows) -> {self.path}")
+        width = self.top_k or self.num_classes
+        size = store_bytes(self.num_images, self.crops, width, cfg.dtype) + (
+            4 * self.num_images * self.crops * width if self.top_k else 0)
+        what = f"top-{self.top_k} probabilities at τ={tau:g} (+ int32 classes)" if self.top_k else "logits"
+        log(f"teacher store: {self.num_images:,} images × {self.crops} crops × {width} {what} × "
+            f"{cfg.dtype} = {format_bytes(size)} (+ crop rows) -> {self.path}")
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _shard_paths(self, shard: int) -> tuple[Path, Path]:
-        return self.path / f"shard-{shard:05d}.rows.npy", self.path / f"shard-{shard:05d}.logits.npy"
+    def _shard_paths(self, shard: int) -> list[Path]:
+        """The shard's files; the last is written last and marks the shard done."""
+        names = ("rows", "index", "probs") if self.top_k else ("rows", "logits")
+        return [self.path / f"shard-{shard:05d}.{name}.npy" for name in names]
 
     def _shard_ok(self, shard: int) -> bool:
-        rows_path, logits_path = self._shard_paths(shard)
-        if not (rows_path.is_file() and logits_path.is_file()):
+        paths = self._shard_paths(shard)
+        if not all(p.is_file() for p in paths):
             return False
         try:
-            rows, logits = np.load(rows_path, mmap_mode="r"), np.load(logits_path, mmap_mode="r")
+            arrays = [np.load(p, mmap_mode="r") for p in paths]
         except (ValueError, OSError) as err:
-            warn(f"teacher store shard {logits_path} is unreadable ({type(err).__name__}): rebuilding it")
+            warn(f"teacher store shard {paths[-1]} is unreadable ({type(err).__name__}): rebuilding it")
             return False
         count = min(self.cfg.shard_size, self.num_images - shard * self.cfg.shard_size)
-        return rows.shape == (count, self.crops, self.params) and logits.shape == (count, self.crops, self.num_classes)
+        widths = [self.params] + [self.top_k or self.num_classes] * (len(paths) - 1)
+        return all(a.shape == (count, self.crops, w) for a, w in zip(arrays, widths))
 
     def build(self, batch_size: int, progress: bool = True) -> None:
         """Compute every missing shard (resumable; one builder at a time)."""
@@ -110,6 +135,7 @@ class TeacherStore:
             bar.close()
             atomic_write_json(self.path / "store.json", {
                 "key": self.key, "images": self.num_images, "crops": self.crops, "classes": self.num_classes,
+                "top_k": self.top_k, "tau": self.tau if self.top_k else None,
                 "dtype": self.cfg.dtype, "seed": self.cfg.seed, "shard_size": self.cfg.shard_size,
                 "image_size": self.data.image_size, "crop_scale": list(self.data.scale),
                 "crop_ratio": list(self.data.ratio), "view_params": self.params})
@@ -127,22 +153,26 @@ class TeacherStore:
         for x, _, _, _ in self.data._pass(batches, device):
             out.append(canonical_logits(self.teachers, self.data.prepare(x), self.bf16).float().cpu())
             bar.update(len(x))
-        logits = torch.cat(out).numpy().reshape(count, self.crops, self.num_classes).astype(DTYPES[self.cfg.dtype])
-        rows_path, logits_path = self._shard_paths(shard)
-        _save_npy(rows_path, rows)
-        _save_npy(logits_path, logits)  # written last: its presence (and shape) marks the shard done
+        logits = torch.cat(out)
+        if self.top_k:
+            probs, index = torch.softmax(logits / self.tau, dim=-1).topk(self.top_k, dim=-1)
+            arrays = [index.int().numpy(), probs.numpy().astype(DTYPES[self.cfg.dtype])]
+        else:
+            arrays = [logits.numpy().astype(DTYPES[self.cfg.dtype])]
+        shape = (count, self.crops, -1)
+        for path, array in zip(self._shard_paths(shard), [rows] + [a.reshape(shape) for a in arrays]):
+            _save_npy(path, array)  # the last is written last: its presence (and shape) marks the shard done
 
-    def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    def _shard(self, shard: int) -> list[np.ndarray]:
         if shard not in self._maps:
-            rows_path, logits_path = self._shard_paths(shard)
-            self._maps[shard] = (np.load(rows_path, mmap_mode="r"), np.load(logits_path, mmap_mode="r"))
+            self._maps[shard] = [np.load(p, mmap_mode="r") for p in self._shard_paths(shard)]
         return self._maps[shard]
 
     def _gather(self, which: int, index: torch.Tensor, crop: torch.Tensor) -> np.ndarray:
         index, crop = index.numpy(), crop.numpy()
         shard, offset = index // self.cfg.shard_size, index % self.cfg.shard_size
-        width = self.params if which == 0 else self.num_classes
-        out = np.empty((len(index), width), dtype=np.float32)
+        first = self._shard(int(shard[0]))[which] if len(index) else np.zeros((0, 0, 0), np.float32)
+        out = np.empty((len(index), first.shape[-1]), dtype=np.int64 if first.dtype.kind == "i" else np.float32)
         for s in np.unique(shard):
             picked = shard == s
             out[picked] = self._shard(int(s))[which][offset[picked], crop[picked]]
@@ -153,6 +183,15 @@ class TeacherStore:
         return self._gather(0, index, crop)
 
     def lookup(self, index: torch.Tensor, crop: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """The stored teacher logits (float32) of (image, crop) pairs, on ``x``'s device."""
-        logits = torch.from_numpy(self._gather(1, index, crop))
+        """The stored teacher logits (float32) of (image, crop) pairs, on ``x``'s device; for
+        a top-k store, τ·log p̃ where p̃ is the stored top-k probabilities with the missing
+        mass spread evenly over the other classes (floored at FLOOR)."""
+        if self.top_k:
+            classes = torch.from_numpy(self._gather(1, index, crop))
+            probs = torch.from_numpy(self._gather(2, index, crop)).double()
+            rest = ((1.0 - probs.sum(-1, keepdim=True)) / (self.num_classes - self.top_k)).clamp_min(0.0)
+            full = rest.expand(len(probs), self.num_classes).clone().scatter_(1, classes, probs)
+            logits = (self.tau * full.clamp_min(FLOOR).log()).float()
+        else:
+            logits = torch.from_numpy(self._gather(1, index, crop))
         return logits.to(x.device) if x is not None else logits

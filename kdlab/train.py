@@ -286,6 +286,13 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             raise ConfigError(f"teacher.cache.mode={cfg.teacher.cache.mode}: the exact (sample, view) table needs "
                               f"finite views; {cfg.data.name}'s random resized crops are unbounded: use "
                               "teacher.store.crops=M (stored crops) or the online teacher (mode=off)")
+        store_cfg = cfg.teacher.store if cfg.teacher is not None else None
+        if store_cfg is not None and store_cfg.crops and store_cfg.top_k is not None:
+            if cfg.loss.kd != "kl" or math.isinf(cfg.loss.tau):
+                raise ConfigError("teacher.store.top_k: a top-k store holds probabilities at the loss's τ: it serves "
+                                  "KL at a finite τ only (use the full store for τ=inf or MSE)")
+            if store_cfg.top_k >= data.num_classes:
+                raise ConfigError(f"teacher.store.top_k={store_cfg.top_k} must be below the {data.num_classes} classes")
     elif cfg.teacher is not None and cfg.teacher.store.crops:
         raise ConfigError("teacher.store.crops: the crop store is for streamed data (data.name=imagefolder); "
                           "in-memory data has the exact teacher cache (teacher.cache.mode=lazy|full)")
@@ -433,7 +440,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
     cache = store = None
     if use_teacher_in_step and data.streamed and cfg.teacher.store.crops:
-        store = TeacherStore(teachers, data, cfg.teacher.store, Path(cfg.out_dir) / ".teacher-store", log, cfg.bf16)
+        store = TeacherStore(teachers, data, cfg.teacher.store, Path(cfg.out_dir) / ".teacher-store", log, cfg.bf16,
+                             loss_cfg.tau)
         store.build(cfg.eval_batch_size, progress)
         cache = store  # looked up by (image, crop number): the same call as the exact table
     if use_teacher_in_step and cfg.teacher.cache.mode != "off" and not data.streamed:

@@ -99,3 +99,43 @@ def test_a_student_on_the_store_trains_and_resumes_exactly(setup, tmp_path):
     assert build_config({**online.model_dump(), "teacher": {"runs": [teacher_dir], "store": {"crops": 0}}}).run_hash() \
         == online.run_hash()
     assert Path(resumed["run_dir"]).name.startswith("student-")
+
+
+def test_a_top_k_store_keeps_the_k_largest_probabilities_and_spreads_the_rest(setup, tmp_path):
+    root, teacher_dir, _ = setup
+    data = load_dataset(_config(root, tmp_path).data)
+    teachers = _Teachers([teacher_dir], data)
+    tau, k = 2.0, 2
+    store = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, dtype="float32", top_k=k), tmp_path,
+                         log=lambda *a: None, tau=tau)
+    store.build(64, progress=False)
+    assert sorted(p.name.split(".")[1] for p in store.path.glob("shard-00000.*.npy")) == ["index", "probs", "rows"]
+    for raw, y, index, crop, _ in data.epoch_batches(torch.Generator().manual_seed(1), 8, torch.device("cpu"), store):
+        x = data.prepare(raw)
+        p = torch.softmax(teachers(x, bf16=False).double() / tau, dim=-1)
+        top, classes = p.topk(k, dim=-1)
+        expected = ((1 - top.sum(-1, keepdim=True)) / (data.num_classes - k)).expand_as(p).clone()
+        expected.scatter_(1, classes, top)
+        got = torch.softmax(store.lookup(index, crop, x).double() / tau, dim=-1)
+        assert torch.allclose(got, expected, atol=1e-6)
+        student = torch.randn(len(y), data.num_classes)
+        loss = distillation_loss(student, y, store.lookup(index, crop, x), alpha=1.0, kd="kl", tau=tau)
+        manual = tau**2 * (expected * (expected.log() - torch.log_softmax(student.double() / tau, -1))).sum(-1).mean()
+        assert torch.allclose(loss.double(), manual, rtol=1e-5)
+    data.close()
+
+
+def test_a_top_k_store_refuses_what_it_cannot_serve(setup, tmp_path, capsys):
+    from kdlab.cli import main
+
+    root, teacher_dir, _ = setup
+    base = ["train", "--no-progress", "data.name=imagefolder", f"data.root={root}", "data.image_size=16",
+            "data.val_size=8", "model.name=mlp-16", f"teacher.runs=[{teacher_dir}]", "teacher.store.crops=2",
+            "loss.alpha=1", f"out_dir={tmp_path / 'o'}"]
+    for extra, fragment in ((["teacher.store.top_k=2", "loss.kd=mse"], "finite τ only"),
+                            (["teacher.store.top_k=2", "loss.tau=inf"], "finite τ only"),
+                            (["teacher.store.top_k=4"], "below the 4 classes")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kdlab: error: teacher.store.top_k") and fragment in err and err.count("\n") == 1
+        assert not (tmp_path / "o").exists()
