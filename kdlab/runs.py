@@ -108,7 +108,8 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / ".lock"
-        self._lock = FileLock(self.path, thread_local=False)
+        # no soft-lock fallback: a marker file outlives a SIGKILLed holder (a stale lock)
+        self._lock = FileLock(self.path, thread_local=False, fallback_to_soft=False)
 
     def holder(self) -> str:
         try:

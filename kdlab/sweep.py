@@ -17,6 +17,7 @@ when its parent dies (Linux ``PR_SET_PDEATHSIG``) and also watches its parent's 
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import ctypes
 import multiprocessing
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, KdlabError
+from .errors import ConfigError, KdlabError, RunError
 from .recipes import Recipe, expand
 from .runs import RunLock, atomic_write_json, check_writable_dir, read_json
 
@@ -187,18 +188,56 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     return manifest
 
 
-def _stop_local(pool, aborted: bool) -> None:
-    """Shut the pool down; when the sweep is aborted (Ctrl-C, an error), kill the workers
-    instead of waiting for their runs (each resumes from its last checkpoint)."""
-    if aborted and isinstance(pool, cf.ProcessPoolExecutor):
-        workers = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
+class _Inline:
+    """One worker: the run trains in this process's main thread when its turn comes
+    (readable tracebacks, and Ctrl-C stops it at once)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def run(self):
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return self.fn(*self.args)
+        finally:
+            torch.set_num_threads(threads)  # the worker's thread count is the run's, not the caller's
+
+
+class _LocalPool:
+    """N spawned worker processes (cores split). A worker that dies (killed, out of
+    memory) breaks a ProcessPoolExecutor for good: its runs fail with a one-line error
+    (they resume on the next sweep) and the next submission gets a fresh pool."""
+
+    def __init__(self, workers: int, threads: int):
+        self.workers, self.threads = workers, threads
+        self.pool = self._new()
+
+    def _new(self):
+        return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(self.threads, os.getpid()))
+
+    def submit(self, fn, *args):
+        try:
+            return self.pool.submit(fn, *args)
+        except BrokenProcessPool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new()
+            return self.pool.submit(fn, *args)
+
+    def stop(self, aborted: bool) -> None:
+        """Shut down; when the sweep is aborted (Ctrl-C, an error), kill the workers
+        instead of waiting for their runs (each resumes from its last checkpoint)."""
+        if not aborted:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            return
+        workers = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
         for process in workers:
             process.kill()
         for process in workers:
             process.join(timeout=10)
-        return
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _executor(kind: str, workers: int, address: str | None, scale_spec, threads: int | None = None):
@@ -206,13 +245,11 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
     cores = os.cpu_count() or 1
     if kind == "local":
         threads = threads or max(1, cores // workers)
-        if workers == 1:  # in this process: no pickling, tracebacks stay readable
-            pool = cf.ThreadPoolExecutor(1)
-        else:
-            pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_init_worker, initargs=(threads, os.getpid()))
-        return (lambda run: pool.submit(_train_config, run.config.model_dump(mode="json"), threads)), \
-            (lambda aborted=False: _stop_local(pool, aborted))
+        if workers == 1:
+            return (lambda run: _Inline(_train_config, run.config.model_dump(mode="json"), threads)), \
+                (lambda aborted=False: None)
+        pool = _LocalPool(workers, threads)
+        return (lambda run: pool.submit(_train_config, run.config.model_dump(mode="json"), threads)), pool.stop
     try:
         import ray
     except ImportError:
@@ -228,7 +265,10 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
 
 def _as_completed(kind: str, pending: dict):
     if kind == "local":
-        yield from cf.as_completed(pending)
+        if all(isinstance(f, _Inline) for f in pending):
+            yield from list(pending)  # in submission order, each run when its turn comes
+        else:
+            yield from cf.as_completed(pending)
         return
     import ray
 
@@ -240,7 +280,13 @@ def _as_completed(kind: str, pending: dict):
 
 def _result(kind: str, future) -> dict:
     if kind == "local":
-        return future.result()
+        if isinstance(future, _Inline):
+            return future.run()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise RunError("its worker process died (killed, or out of memory); run the sweep again to resume "
+                           "it from its last checkpoint") from None
     import ray
 
     try:

@@ -37,7 +37,7 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from .errors import warn
+from .errors import DataError, warn
 from .runs import atomic_write_bytes, atomic_write_json
 from .teacher_cache import CHUNK, canonical_logits
 
@@ -55,6 +55,7 @@ def store_bytes(num_images: int, crops: int, num_classes: int, dtype: str) -> in
     return num_images * crops * num_classes * np.dtype(DTYPES[dtype]).itemsize
 
 
+ROW_BLOCK = 1024  # images per stream of crop rows (fixed: the crops must not depend on the sharding)
 FLOOR = 1e-12  # top-k: smallest probability a class gets (log 0 would make the KL nan)
 
 
@@ -65,11 +66,15 @@ def store_key(teachers, data, cfg, bf16: bool, tau: float | None = None) -> str:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     root = Path(data.files["train"][0]).parents[2] if data.files["train"] else Path(".")
-    for path, label in zip(data.files["train"], data.labels["train"]):
-        digest.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}:{label}\n".encode())
+    for path in data.files["train"]:  # (not the labels: the teacher's outputs do not depend on them)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise DataError(f"training image {path} vanished or became unreadable since the folder was scanned") from None
+        digest.update(f"{os.path.relpath(path, root)}:{size}\n".encode())
     digest.update(json.dumps({"image_size": data.image_size, "scale": list(data.scale), "ratio": list(data.ratio),
                               "crops": cfg.crops, "seed": cfg.seed, "dtype": cfg.dtype, "chunk": CHUNK, "bf16": bf16,
-                              "top_k": cfg.top_k, "tau": tau if cfg.top_k else None,
+                              "top_k": cfg.top_k, "tau": tau if cfg.top_k else None, "shard_size": cfg.shard_size,
                               "channels_last": getattr(teachers, "channels_last", False),
                               "device": getattr(teachers, "device", torch.device("cpu")).type}).encode())
     return digest.hexdigest()[:16]
@@ -140,17 +145,26 @@ class TeacherStore:
                 "image_size": self.data.image_size, "crop_scale": list(self.data.scale),
                 "crop_ratio": list(self.data.ratio), "view_params": self.params})
 
+    def _draw_rows(self, first: int, count: int) -> np.ndarray:
+        """Crop rows (float32, stored as drawn) of images first..first+count−1: each block
+        of ROW_BLOCK images has its own seeded stream, so an image's crops do not depend on
+        how the store is sharded."""
+        blocks = range(first // ROW_BLOCK, (first + count - 1) // ROW_BLOCK + 1)
+        drawn = [torch.rand(ROW_BLOCK, self.crops, self.params,
+                            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + b)) for b in blocks]
+        start = first - blocks[0] * ROW_BLOCK
+        return torch.cat(drawn)[start : start + count].numpy()
+
     def _build_shard(self, shard: int, batch_size: int, bar) -> None:
         first = shard * self.cfg.shard_size
         count = min(self.cfg.shard_size, self.num_images - first)
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + shard)  # a shard's rows: its own stream
-        rows = torch.rand(count, self.crops, self.params, generator=generator).numpy()  # float32, stored as drawn
+        rows = self._draw_rows(first, count)
         items = [("store", first + i, rows[i, m].astype(np.float64)) for i in range(count) for m in range(self.crops)]
         batch_size = max(CHUNK, batch_size // CHUNK * CHUNK)
         batches = [items[b : b + batch_size] for b in range(0, len(items), batch_size)]
         out = []
         device = getattr(self.teachers, "device", torch.device("cpu"))
-        for x, _, _, _ in self.data._pass(batches, device):
+        for x, _, _, _, _ in self.data._pass(batches, device):
             out.append(canonical_logits(self.teachers, self.data.prepare(x), self.bf16).float().cpu())
             bar.update(len(x))
         logits = torch.cat(out)

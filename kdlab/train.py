@@ -304,6 +304,10 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         log(f"{run_dir}: finished already, nothing to do")
         return read_json(run_dir / "result.json")
     check_writable_dir(cfg.out_dir, "out_dir")
+    if cfg.teacher is not None:
+        for key, where in (("teacher.cache.dir", cfg.teacher.cache.dir), ("teacher.store.dir", cfg.teacher.store.dir)):
+            if where:
+                check_writable_dir(where, key)
     created = _first_missing(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
@@ -313,6 +317,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         if RunLock.busy(run_dir) is None:
             _remove_created(run_dir, created)
         raise
+    if created is not None and any(p.name != ".lock" for p in run_dir.iterdir()):
+        created = None  # another process filled it while we waited: not ours to remove
     threads_before = torch.get_num_threads()
     try:
         if (run_dir / "result.json").is_file():  # finished by the process we waited for
@@ -332,7 +338,13 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
 
 
 def _load_checkpoint(path: Path) -> dict:
-    """The checkpoint, or (corrupt) moved aside to ``checkpoint.pt.corrupt`` and a RunError."""
+    """The checkpoint, or (corrupt) moved aside to ``checkpoint.pt.corrupt`` and a RunError.
+    A read error (EIO, permissions) is not corruption: the file stays where it is."""
+    try:
+        path.read_bytes()[:1]
+    except OSError as err:
+        raise RunError(f"{path}: cannot be read ({err.strerror}); it is left in place: fix the cause and run "
+                       "the same command again to resume") from None
     try:
         state = torch_load(path)
         if not isinstance(state, dict) or not {"epoch", "model", "optimizer", "generator"} <= set(state):

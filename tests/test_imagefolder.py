@@ -19,6 +19,7 @@ from kdlab.cli import main
 from kdlab.config import build_config
 from kdlab.data import load_dataset
 from kdlab.data.imagefolder import ATTEMPTS, VIEW_PARAMS, centre_box, crop_box
+from kdlab.errors import DataError
 from kdlab.runs import read_metrics
 from kdlab.train import train
 
@@ -73,6 +74,8 @@ def test_batches_depend_on_the_generator_not_on_the_worker_count(folder, tmp_pat
     for (x0, y0, i0, v0, s0), (x2, y2, i2, v2, s2) in zip(batches[0], batches[2]):
         assert torch.equal(x0, x2) and torch.equal(y0, y2) and torch.equal(i0, i2) and torch.equal(v0, v2)
         assert x0.shape[1:] == (3, 16, 16) and v0.shape[1] == VIEW_PARAMS and s0 == s2 == 0
+    default = load_dataset(_config(folder, tmp_path, None).data)  # data.loader_workers unset
+    assert default.loader_workers == min(4, os.cpu_count())
     x_a = torch.cat([b[0] for b in batches[0]])
     data = load_dataset(_config(folder, tmp_path, 0).data)
     x_b = torch.cat([b[0] for b in data.epoch_batches(torch.Generator().manual_seed(8), 8, torch.device("cpu"))])
@@ -167,3 +170,25 @@ def test_new_data_keys_leave_existing_run_hashes_alone():
     assert cfg.run_hash() == build_config({"data": {"name": "digits", "loader_workers": 3}}).run_hash()
     assert cfg.run_hash() != build_config({"data": {"name": "digits", "image_size": 32}}).run_hash()
     assert json.loads(cfg.model_dump_json())["data"]["image_size"] == 224
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist not installed")
+def test_builtin_fashion_mnist_folder_is_made_once_from_the_idx_files(tmp_path, monkeypatch):
+    from kdlab.data.imagefolder import builtin_root
+
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path / "cache"))
+    root = builtin_root("builtin:fashion-mnist:3")
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    assert classes[0] == "00-t-shirt" and classes[-1] == "09-ankle-boot" and len(classes) == 10
+    assert all(len(list((root / "train" / c).iterdir())) == 3 for c in classes)
+    assert sum(len(list((root / "val" / c).iterdir())) for c in classes) == 10000
+    stamp = (root / "train").stat().st_mtime_ns
+    assert builtin_root("builtin:fashion-mnist:3") == root and (root / "train").stat().st_mtime_ns == stamp
+    data = load_dataset(build_config({"data": {"name": "imagefolder", "root": "builtin:fashion-mnist:3",
+                                               "image_size": 28, "val_size": 5, "loader_workers": 0}}).data)
+    assert data.num_classes == 10 and len(data.train_y) == 25 and len(data.split_labels("test")) == 10000
+    x = next(data.eval_batches("test", 4, torch.device("cpu")))
+    assert x.shape == (4, 3, 28, 28) and bool((x[:, 0] == x[:, 1]).all())  # grayscale as RGB
+    with pytest.raises(DataError, match="builtin:fashion-mnist"):
+        builtin_root("builtin:cifar")

@@ -10,22 +10,26 @@ from kdlab.recipes import (CONFIG_DIR, RECIPE_DIR, Recipe, example_config_path, 
                            list_recipes, load_recipe, resolve_config_path)
 
 BUILTIN_QUICK_DATA = {"digits", "mnist1d", "fashion-mnist"}
+# recipes whose paper scale waits for a model family (say why in the recipe's header)
+PAPER_SCALE_PENDING = {"kim-table5": "timm's ImageNet ResNets"}
 
 
 @pytest.mark.parametrize("path", list_recipes(), ids=lambda p: p.stem)
 def test_every_recipe_expands_at_both_scales(path, tmp_path):
     recipe = load_recipe(path)
-    assert set(recipe.scales) == {"quick", "paper"}
+    expected = {"quick"} if recipe.id in PAPER_SCALE_PENDING else {"quick", "paper"}
+    assert set(recipe.scales) == expected
     assert path.read_text().startswith("#"), "a recipe starts with a header saying what it reproduces"
-    for scale in ("quick", "paper"):
+    for scale in sorted(expected):
         runs = expand(recipe, scale, tmp_path)
         assert runs and len({r.run_dir for r in runs}) == len(runs), "every run has its own dir"
         stages = [r.stage for r in runs]
         for run in runs:
             for teacher in run.teacher_of:
                 assert stages.index(teacher.stage) < stages.index(run.stage)
-        if scale == "quick":
-            assert {r.config.data.name for r in runs} <= BUILTIN_QUICK_DATA
+        if scale == "quick":  # built-in data, or an image folder made from it
+            assert all(r.config.data.name in BUILTIN_QUICK_DATA or (r.config.data.root or "").startswith("builtin:")
+                       for r in runs)
     for item in recipe.report:
         assert item.stage in {s.name for s in recipe.scales["quick"].stages}
 

@@ -139,3 +139,37 @@ def test_a_top_k_store_refuses_what_it_cannot_serve(setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("kdlab: error: teacher.store.top_k") and fragment in err and err.count("\n") == 1
         assert not (tmp_path / "o").exists()
+
+
+def test_crops_do_not_depend_on_the_sharding(setup, tmp_path):
+    root, teacher_dir, _ = setup
+    data = load_dataset(_config(root, tmp_path).data)
+    teachers = _Teachers([teacher_dir], data)
+    stores = []
+    for shard_size in (5, 13):
+        store = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, shard_size=shard_size), tmp_path / str(shard_size),
+                             log=lambda *a: None)
+        store.build(64, progress=False)
+        stores.append(store)
+    index, crop = torch.arange(32), torch.arange(32) % 2
+    assert np.array_equal(stores[0].rows(index, crop), stores[1].rows(index, crop))
+    assert torch.equal(stores[0].lookup(index, crop), stores[1].lookup(index, crop))
+
+
+def test_skipped_images_with_a_store_and_in_the_final_evaluation(setup, tmp_path, capsys):
+    import shutil
+
+    root, teacher_dir, _ = setup
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    victims = sorted((broken / "train").glob("*/*"))[::9]  # a few training images (some held out for val)
+    for victim in victims:
+        victim.write_bytes(b"garbage")
+    cfg = _config(broken, tmp_path / "runs", name="student", data={"on_bad_image": "skip"},
+                  loss={"alpha": 0.5, "tau": 4.0}, teacher={"runs": [teacher_dir], "store": {"crops": 2}})
+    result = train(cfg, progress=False, log=lambda *a: None)
+    assert all(r["skipped_images"] >= 1 for r in read_metrics(result["run_dir"]))
+    for split in ("train", "val"):
+        with np.load(Path(result["run_dir"]) / f"eval_{split}.npz") as arrays:
+            assert len(arrays["logits"]) == len(arrays["labels"]) == len(arrays["features"])
+    assert "evaluated as black images" in capsys.readouterr().err

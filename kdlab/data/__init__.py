@@ -171,6 +171,14 @@ def check_data_source(cfg) -> None:
         if not cfg.root:
             raise DataError("imagefolder: data.root is not set (a folder with train/<class>/ and val/<class>/ "
                             "image folders, ImageNet's layout); set it, e.g. data.root=/path/to/imagenet")
+        if cfg.root.startswith("builtin:"):  # made from Debian's Fashion-MNIST on first use
+            from .imagefolder import parse_builtin
+
+            parse_builtin(cfg.root)
+            if not FASHION_MNIST_DEBIAN_DIR.is_dir():
+                raise DataError(f"data.root={cfg.root} is made from Debian's Fashion-MNIST: "
+                                "`apt-get install dataset-fashion-mnist`")
+            return
         for split in ("train", "val"):
             if not (Path(cfg.root) / split).is_dir():
                 raise DataError(f"imagefolder: {Path(cfg.root) / split} is not a directory (data.root must hold "

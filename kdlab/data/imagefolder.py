@@ -39,6 +39,60 @@ VIEW_PARAMS = 2 * ATTEMPTS + 3  # (scale, log ratio) × 10, position y, position
 SPLITS = ("train", "val", "test")
 
 
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle-boot"]
+
+
+def cache_dir() -> Path:
+    """Where kdlab keeps what it makes once (``$KDLAB_CACHE``, else ``~/.cache/kdlab``)."""
+    base = os.environ.get("KDLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdlab"
+    return Path(base)
+
+
+def parse_builtin(spec: str) -> tuple[str, int | None]:
+    """``builtin:fashion-mnist[:N]`` -> ("fashion-mnist", N training images per class or None)."""
+    name, _, count = spec.removeprefix("builtin:").partition(":")
+    if name != "fashion-mnist":
+        raise DataError(f"data.root={spec}: the built-in image folder is builtin:fashion-mnist[:N per class]")
+    if count and not (count.isdigit() and 0 < int(count) <= 6000):
+        raise DataError(f"data.root={spec}: N (training images per class) must be 1..6000")
+    return name, int(count) if count else None
+
+
+def builtin_root(spec: str) -> Path:
+    """A real image folder made once from Debian's Fashion-MNIST IDX files: every test
+    image in val/, the first N training images of each class (all without N) in train/,
+    28×28 grayscale PNG; kept in ``cache_dir()/imagefolders`` (written to a temporary
+    folder, renamed when complete; one maker at a time)."""
+    from filelock import FileLock
+    from PIL import Image
+
+    from .sources import FASHION_MNIST_DEBIAN_DIR, load_idx_arrays
+
+    name, per_class = parse_builtin(spec)
+    target = cache_dir() / "imagefolders" / f"{name}-{per_class or 'all'}"
+    if (target / "train").is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", thread_local=False):
+        if (target / "train").is_dir():
+            return target
+        train_x, train_y, test_x, test_y = load_idx_arrays(FASHION_MNIST_DEBIAN_DIR)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        for split, images, labels in (("train", train_x, train_y), ("val", test_x, test_y)):
+            taken = np.zeros(10, dtype=np.int64)
+            for k, (image, label) in enumerate(zip(images, labels)):
+                if split == "train" and per_class is not None:
+                    if taken[label] >= per_class:
+                        continue
+                    taken[label] += 1
+                folder = tmp / split / f"{label:02d}-{FASHION_MNIST_CLASSES[label]}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image[0]).save(folder / f"{k:05d}.png")
+        os.replace(tmp, target)
+    return target
+
+
 def scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """(files, classes, labels) of ``folder/<class>/*.{jpg,jpeg,png}``, sorted. With
     ``classes`` given (the training split's), a class folder outside them is an error."""
@@ -127,22 +181,24 @@ class _Images(torch.utils.data.Dataset):
                         out = out.transpose(Image.FLIP_LEFT_RIGHT)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             if self.skip_bad:  # left out of a training batch; a black image in evaluation (warned)
-                return torch.zeros((3,) + size, dtype=torch.uint8), int(self.labels[split][index]), index, False, split == "train"
+                dropped = split == "train" and row is not None  # a training view; evaluation and stores keep all
+                return torch.zeros((3,) + size, dtype=torch.uint8), int(self.labels[split][index]), index, False, dropped
             raise DataError(f"unreadable image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                             "set data.on_bad_image=skip to leave such images out") from None
         array = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return array, int(self.labels[split][index]), index, True, split == "train"
+        return array, int(self.labels[split][index]), index, True, False
 
 
 def _collate(items):
     """Stack the decoded images; unreadable ones (skip mode) are counted, and left out of
     training batches (evaluation keeps them, black, so outputs stay aligned with labels)."""
-    kept = [i for i in items if i[3] or not i[4]]
-    skipped = sum(not i[3] for i in items)
-    if not kept:
-        return None, None, None, skipped
+    positions = [k for k, item in enumerate(items) if not item[4]]
+    skipped = sum(not item[3] for item in items)
+    if not positions:
+        return None, None, None, skipped, torch.zeros(0, dtype=torch.long)
+    kept = [items[k] for k in positions]
     x = torch.stack([i[0] for i in kept])
-    return x, torch.tensor([i[1] for i in kept]), torch.tensor([i[2] for i in kept]), skipped
+    return x, torch.tensor([i[1] for i in kept]), torch.tensor([i[2] for i in kept]), skipped, torch.tensor(positions)
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -225,8 +281,8 @@ class ImageFolderData:
         loader = self.loader(pin_memory=device.type == "cuda")
         self._batches.batches = batches
         try:
-            for x, y, index, skipped in loader:
-                yield (None if x is None else x.to(device, non_blocking=True)), y, index, skipped
+            for x, y, index, skipped, positions in loader:
+                yield (None if x is None else x.to(device, non_blocking=True)), y, index, skipped, positions
         except DataError as err:  # re-raised from a worker with its traceback: keep our line
             raise DataError(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
@@ -248,15 +304,15 @@ class ImageFolderData:
             batches.append([("train", int(i), r) for i, r in zip(index.tolist(), row.numpy())])
             batch_views.append(views[begin : begin + batch_size])
         views = batch_views
-        for (x, y, index, skipped), view in zip(self._pass(batches, device), views):
-            yield x, y, index, view, skipped
+        for (x, y, index, skipped, positions), view in zip(self._pass(batches, device), views):
+            yield x, y, index, view[positions], skipped  # the views of the images kept
 
     def eval_batches(self, split: str, batch_size: int, device: torch.device):
         """Raw uint8 batches of ``split`` under the evaluation view, in file order."""
         n = len(self.labels[split])
         batches = [[(split, i, None) for i in range(b, min(b + batch_size, n))] for b in range(0, n, batch_size)]
         total = 0
-        for x, _, _, skipped in self._pass(batches, device):
+        for x, _, _, skipped, _ in self._pass(batches, device):
             total += skipped
             yield x
         if total and split not in self._warned:
@@ -265,13 +321,18 @@ class ImageFolderData:
                  "(data.on_bad_image=skip)")
 
     def close(self) -> None:
+        """Stop the loader's worker processes now (not when the loader is collected: a
+        traceback being handled can keep it alive)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # torch's own shutdown of persistent workers
         self._loader = None
 
 
 def load_imagefolder(cfg, num_workers: int | None = None) -> ImageFolderData:
     """Scan ``cfg.root`` (train/ and val/; val is the test split, as ImageNet's) and hold
     out ``cfg.val_size`` training images (seeded) for validation."""
-    root = Path(cfg.root)
+    root = builtin_root(cfg.root) if cfg.root.startswith("builtin:") else Path(cfg.root)
     train_files, classes, train_labels = scan_folder(root / "train")
     test_files, _, test_labels = scan_folder(root / "val", classes)
     n = len(train_files)
@@ -290,7 +351,8 @@ def load_imagefolder(cfg, num_workers: int | None = None) -> ImageFolderData:
     data = ImageFolderData(
         name=cfg.name, num_classes=len(classes), classes=classes, files=files, labels=labels,
         image_size=image_size, eval_resize=eval_resize, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
-        loader_workers=cfg.loader_workers if num_workers is None else num_workers,
+        loader_workers=num_workers if num_workers is not None else (
+            cfg.loader_workers if cfg.loader_workers is not None else default_loader_workers()),
         skip_bad=cfg.on_bad_image == "skip")
     if cfg.label_noise > 0:
         from . import add_label_noise
