@@ -260,24 +260,9 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
-          log=print, wait_for_lock: bool = False) -> dict | None:
-    """Train the run ``cfg`` describes; return its result dict.
-
-    ``stop_after_epoch`` ends the call after that many epochs in total, as a kill would
-    (checkpoint written, no result): the next call resumes. It returns None then.
-    ``wait_for_lock``: when another process trains this run, wait for it (and then
-    return its result) instead of failing.
-    """
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data)
-    teachers = _Teachers(cfg.teacher.runs, data, cfg.channels_last, device) if cfg.teacher else None
-    try:
-        num_params = check_model(cfg.model.name, data.num_classes, data.input_shape)
-    except ValueError as err:
-        raise ConfigError(f"config key 'model.name': {err} (data {cfg.data.name} gives inputs of shape "
-                          f"{tuple(data.input_shape)})") from None
+def _check_teacher_source(cfg: Config, data) -> None:
+    """What the data kind allows: finite views (in memory) take the exact teacher cache and
+    the MI probe; streamed crops take the teacher store (top-k: KL at a finite τ only)."""
     if data.streamed:
         if cfg.mutual_information.every_steps:
             raise ConfigError("mutual_information.every_steps: the MI probe needs in-memory data with finite views; "
@@ -296,6 +281,27 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     elif cfg.teacher is not None and cfg.teacher.store.crops:
         raise ConfigError("teacher.store.crops: the crop store is for streamed data (data.name=imagefolder); "
                           "in-memory data has the exact teacher cache (teacher.cache.mode=lazy|full)")
+
+
+def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
+          log=print, wait_for_lock: bool = False) -> dict | None:
+    """Train the run ``cfg`` describes; return its result dict.
+
+    ``stop_after_epoch`` ends the call after that many epochs in total, as a kill would
+    (checkpoint written, no result): the next call resumes. It returns None then.
+    ``wait_for_lock``: when another process trains this run, wait for it (and then
+    return its result) instead of failing.
+    """
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data)
+    teachers = _Teachers(cfg.teacher.runs, data, cfg.channels_last, device) if cfg.teacher else None
+    try:
+        num_params = check_model(cfg.model.name, data.num_classes, data.input_shape)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.name': {err} (data {cfg.data.name} gives inputs of shape "
+                          f"{tuple(data.input_shape)})") from None
+    _check_teacher_source(cfg, data)
     check_memory(cfg, data, num_params, device)
     probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
 
