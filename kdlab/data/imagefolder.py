@@ -15,7 +15,8 @@ hands it lists of (split, index, view row) items, so the order and the views nev
 depend on the worker count (``data.loader_workers`` is not part of the run hash).
 Workers start with ``forkserver`` (not ``fork``), so they never inherit the run's lock.
 An unreadable image is a one-line error naming the file, or (``data.on_bad_image:
-skip``) left out of its batch and counted in the epoch's metrics.
+skip``) left out of its training batch and counted in the epoch's metrics; evaluation
+and store builds keep it as a black image (with a warning), so outputs stay aligned.
 """
 
 from __future__ import annotations
