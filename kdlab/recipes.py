@@ -199,8 +199,8 @@ def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",
                         raise ConfigError(f"recipe {recipe.id}: {len(matches)} runs of stage {ref!r} match {labels} "
                                           f"seed {seed}; give the stages a common axis or set ensemble: true")
                     teachers += matches
-                if teachers:
-                    data["teacher"] = {"runs": [str(t.run_dir) for t in teachers]}
+                if teachers:  # the stage's own teacher settings (cache, store) stay
+                    data["teacher"] = {**(data.get("teacher") or {}), "runs": [str(t.run_dir) for t in teachers]}
                 data = apply_overrides(data, [s for s in settings if teachers or not s.startswith("teacher.")])
                 try:
                     config = build_config(data)

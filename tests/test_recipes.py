@@ -55,6 +55,17 @@ def test_teachers_match_by_common_axes_and_seed(tmp_path):
         assert s.config.teacher.runs == [str(t.run_dir)] and math.isinf(s.config.loss.tau)
 
 
+def test_a_stage_keeps_its_own_teacher_settings(tmp_path):
+    # the resolved teacher runs join the stage's teacher section; they do not replace it
+    stages = [{"name": "teacher"}, {"name": "student", "teachers": ["teacher"], "seeds": [0],
+                                     "config": {"loss": {"alpha": 1.0}, "teacher": {"cache": {"mode": "lazy"}}}}]
+    (student,) = [r for r in expand(_recipe(stages, seeds=(0,)), "quick", tmp_path) if r.stage == "student"]
+    assert student.config.teacher.cache.mode == "lazy" and len(student.config.teacher.runs) == 1
+    recipe = load_recipe("kim-table5")
+    students = [r for r in expand(recipe, "quick", tmp_path) if r.stage == "student"]
+    assert students and all(r.config.teacher.store.crops == 8 for r in students)
+
+
 def test_ensembles_and_ambiguity(tmp_path):
     stages = [{"name": "teacher"}, {"name": "student", "teachers": ["teacher"], "seeds": [0],
                                      "config": {"loss": {"alpha": 1.0}}, "ensemble": True}]
