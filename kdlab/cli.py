@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import KdlabError
+from .errors import ConfigError, KdlabError
 
 
 def _cmd_train(args) -> int:
@@ -51,14 +51,35 @@ def _cmd_configs(args) -> int:
 
 def _cmd_models(args) -> int:
     from .models import build_model, count_parameters, describe_models, list_models
+    from .models.timm_family import import_timm
 
+    try:
+        timm = import_timm()
+    except ValueError as err:
+        timm, no_timm = None, str(err)
+    if args.timm is not None:
+        if timm is None:
+            raise ConfigError(no_timm)
+        names = timm.list_models(args.timm)
+        for name in names:
+            print(f"timm:{name}")
+        print(f"{len(names)} of timm {timm.__version__}'s {len(timm.list_models())} architectures match "
+              f"{args.timm!r}", file=sys.stderr)
+        return 0
     print("families (any size the pattern allows):")
     for pattern, help in describe_models():
         print(f"  {pattern:24s} {help}")
-    print("\nexamples (parameters with 100 classes, 32×32×3 inputs; 1×40 for cnn1d):")
+    print("\nexamples (parameters with 100 classes, 32×32×3 inputs; 1×40 for cnn1d; 224×224×3 for timm):")
     for name in list_models():
-        shape = (1, 40) if name.startswith("cnn1d") else (3, 32, 32)
+        if name.startswith("timm:") and timm is None:
+            continue
+        shape = (1, 40) if name.startswith("cnn1d") else (3, 224, 224) if name.startswith("timm:") else (3, 32, 32)
         print(f"  {name:16s} {count_parameters(build_model(name, 100, input_shape=shape)) / 1e6:8.3f}M")
+    if timm is None:
+        print(f"\ntimm family unavailable here: {no_timm}")
+    else:
+        print(f"\ntimm {timm.__version__}: {len(timm.list_models())} architectures; "
+              "`kdlab models --timm 'resnet*'` lists names")
     return 0
 
 
@@ -72,16 +93,16 @@ def _cmd_demo(args) -> int:
 
 def _cmd_analyze(args) -> int:
     from .analysis.analyze import analyze_run
-    from .errors import ConfigError
 
     if args.bootstrap < 1:
         raise ConfigError(f"--bootstrap takes the number of resamples for the intervals (>= 1), got {args.bootstrap}")
     classes = None
     if args.classes:
-        try:
-            classes = [int(c) for c in args.classes.split(",")]
-        except ValueError:
-            raise ConfigError(f"--classes takes three class indices like 0,1,2, got {args.classes!r}") from None
+        classes = [[c.strip() for c in triple.split(",")] for triple in args.classes]
+        for triple in classes:
+            if len(triple) != 3 or not all(triple):
+                raise ConfigError(f"--classes takes three classes like 0,1,2 (indices or class names), "
+                                  f"got {','.join(triple)!r}")
     analyze_run(args.run_dir, args.teacher, classes, args.out, n_bootstrap=args.bootstrap)
     return 0
 
@@ -142,7 +163,7 @@ def _cmd_reproduce(args) -> int:
     for run in expand(recipe, args.scale, out, args.settings):
         if run.analyze and (run.run_dir / "result.json").is_file() and not (run.run_dir / "analysis" / "analysis.json").is_file():
             teacher = str(run.teacher_of[0].run_dir) if len(run.teacher_of) == 1 else None
-            analyze_run(run.run_dir, teacher, n_bootstrap=100, log=lambda *a: None)
+            analyze_run(run.run_dir, teacher, run.projections, n_bootstrap=100, log=lambda *a: None)
     write_report(out)
     return 1 if any(r["status"] == "failed" for r in manifest["runs"]) else 0
 
@@ -176,11 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="print this example's YAML")
     p.set_defaults(func=_cmd_configs)
     p = sub.add_parser("models", help="list registered models")
+    p.add_argument("--timm", metavar="PATTERN", help="list timm's architectures matching a glob, e.g. 'resnet*'")
     p.set_defaults(func=_cmd_models)
     p = sub.add_parser("analyze", help="calibration, logit statistics, projections, MI of a finished run")
     p.add_argument("run_dir")
     p.add_argument("--teacher", help="teacher run dir (default: the teacher logits stored with the run, if any)")
-    p.add_argument("--classes", help="three class indices for the template projection (default 0,1,2)")
+    p.add_argument("--classes", action="append", help="three classes for the template projection, as indices or "
+                   "class names (an image folder's folder names): default 0,1,2; repeat for more projections")
     p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
     p.set_defaults(func=_cmd_analyze)

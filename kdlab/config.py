@@ -67,21 +67,28 @@ class DataConfig(_Strict):
 _DATA_KEYS_HASHED_OFF_DEFAULT = ("image_size", "eval_resize", "crop_scale", "crop_ratio", "on_bad_image")
 
 
+def _check_model_name(name: str) -> str:
+    import torch
+
+    from .models import _FAMILIES, build_model
+
+    if not any(regex.match(name) for regex, *_ in _FAMILIES.values()):
+        raise ValueError(f"unknown model {name!r} (see `kdlab models`)")
+    with torch.device("meta"):  # sizes the family cannot build (wrn-3-2, mlp-0); shapes only, no memory
+        build_model(name, 10)
+    return name
+
+
 class ModelConfig(_Strict):
     name: str = Field("wrn-16-2", description="registered model name (`kdlab models`)")
+    pretrained_path: Optional[str] = Field(
+        None, description="local weights file loaded before training (a timm/torchvision state dict, .pt/.pth or "
+        ".safetensors, or a run's model.pt); never a download. Hashed by file name; its SHA-256 goes in meta.json")
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        import torch
-
-        from .models import _FAMILIES, build_model
-
-        if not any(regex.match(name) for regex, *_ in _FAMILIES.values()):
-            raise ValueError(f"unknown model {name!r} (see `kdlab models`)")
-        with torch.device("meta"):  # sizes the family cannot build (wrn-3-2, mlp-0); shapes only, no memory
-            build_model(name, 10)
-        return name
+        return _check_model_name(name)
 
 
 class OptimConfig(_Strict):
@@ -96,6 +103,14 @@ class OptimConfig(_Strict):
     milestones: list[int] = Field([100, 150], description="multistep: epochs where lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0)
     grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm")
+    warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up from lr/steps to lr, step by step, over the "
+                               "first N epochs (large batches, e.g. Müller A.4's 4096); the schedule runs as usual")
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self):
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} is longer than the {self.epochs} epochs of training")
+        return self
 
 
 class LossConfig(_Strict):
@@ -142,10 +157,28 @@ class TeacherStoreConfig(_Strict):
     dir: Optional[str] = Field(None, description="where stores are kept and shared (default OUT_DIR/.teacher-store)")
 
 
+class TeacherWeightsConfig(_Strict):
+    model: str = Field(description="registered model name, e.g. timm:resnet152")
+    path: str = Field(description="plain weights file (e.g. torchvision's ResNet-152 checkpoint)")
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _check_model_name(name)
+
+
 class TeacherConfig(_Strict):
-    runs: list[str] = Field(min_length=1, description="finished run dirs; several = ensemble (mean logits)")
+    runs: list[str] = Field([], description="finished run dirs; several = ensemble (mean logits)")
+    weights: list[TeacherWeightsConfig] = Field(
+        [], description="teachers from plain weights files, [{model: NAME, path: FILE}]; join the runs' ensemble")
     cache: TeacherCacheConfig = TeacherCacheConfig()
     store: TeacherStoreConfig = TeacherStoreConfig()
+
+    @model_validator(mode="after")
+    def _some_teacher(self):
+        if not self.runs and not self.weights:
+            raise ValueError("a teacher section needs teacher.runs (run dirs) or teacher.weights ([{model, path}])")
+        return self
 
 
 class MutualInformationConfig(_Strict):
@@ -198,7 +231,18 @@ class Config(_Strict):
             if payload["data"][key] == defaults[key]:
                 del payload["data"][key]
         del payload["data"]["loader_workers"]
-        if self.teacher is not None:  # a teacher is identified by its run dir's name (which holds its hash),
+        if payload["optim"]["warmup_epochs"] == 0:  # newer than existing run dirs: off = the old hash
+            del payload["optim"]["warmup_epochs"]
+        if payload["model"]["pretrained_path"] is None:
+            del payload["model"]["pretrained_path"]
+        else:  # by file name, as teacher runs (the file's SHA-256 is recorded in meta.json)
+            payload["model"]["pretrained_path"] = Path(self.model.pretrained_path).name
+        if self.teacher is not None:
+            if self.teacher.weights:
+                payload["teacher"]["weights"] = [{"model": w.model, "path": Path(w.path).name}
+                                                 for w in self.teacher.weights]
+            else:
+                del payload["teacher"]["weights"]  # a teacher is identified by its run dir's name (which holds its hash),
             payload["teacher"]["runs"] = [Path(r).name for r in self.teacher.runs]  # not where it lies
             # the cache is exact in float32: only float16 storage can change a result
             cache = payload["teacher"].pop("cache")

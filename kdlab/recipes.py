@@ -20,10 +20,10 @@ import importlib.resources
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .config import Config, apply_overrides, build_config, merge_dicts as _merge
 from .errors import ConfigError
@@ -56,6 +56,16 @@ class Stage(_Strict):
     teachers: list[str] = Field(default_factory=list, description="earlier stages whose runs teach this one")
     ensemble: bool = False
     analyze: bool = Field(False, description="run `kdlab analyze` on this stage's runs for the report")
+    projections: Optional[list[list[Union[int, str]]]] = Field(
+        None, description="analysis: class triples for the template projections (indices or class names); "
+        "default 0,1,2")
+
+    @field_validator("projections")
+    @classmethod
+    def _triples(cls, value):
+        if value is not None and (not value or any(len(t) != 3 for t in value)):
+            raise ValueError("projections: a list of class triples, e.g. [[0, 1, 2]]")
+        return value
 
 
 class Scale(_Strict):
@@ -100,6 +110,7 @@ class RunSpec:
     config: Config
     teacher_of: list["RunSpec"] = field(default_factory=list)
     analyze: bool = False
+    projections: Optional[list] = None
 
     @property
     def run_dir(self) -> Path:
@@ -201,12 +212,14 @@ def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",
                     teachers += matches
                 if teachers:  # the stage's own teacher settings (cache, store) stay
                     data["teacher"] = {**(data.get("teacher") or {}), "runs": [str(t.run_dir) for t in teachers]}
-                data = apply_overrides(data, [s for s in settings if teachers or not s.startswith("teacher.")])
+                data = apply_overrides(data, [s for s in settings
+                                              if teachers or data.get("teacher") or not s.startswith("teacher.")])
                 try:
                     config = build_config(data)
                 except ConfigError as err:
                     raise ConfigError(f"recipe {recipe.id}, stage {stage.name}, {labels}: {err}") from None
-                stage_runs.append(RunSpec(stage.name, labels, seed, config, teachers, stage.analyze))
+                stage_runs.append(RunSpec(stage.name, labels, seed, config, teachers, stage.analyze,
+                                          stage.projections))
         by_stage[stage.name] = stage_runs
         runs += stage_runs
     return runs

@@ -28,16 +28,19 @@ def _axis_order(runs: list[RunSpec], axis: str) -> list[str]:
 def _value(run: RunSpec, metric: str):
     """A number of a finished run: a key of result.json's ``final`` (e.g. ``test_acc``), or
     ``analysis.<dotted.path>`` into its analysis.json (e.g.
-    ``analysis.temperature_scaling.ece_after``)."""
+    ``analysis.temperature_scaling.ece_after``, ``analysis.projections.1.tightness.val``)."""
     if metric.startswith("analysis."):
         path = run.run_dir / "analysis" / "analysis.json"
         if not path.is_file():
             return None
         node = read_json(path)
-        for part in metric.split(".")[1:]:
-            if not isinstance(node, dict) or part not in node:
+        for part in metric.split(".")[1:]:  # dict keys, and list positions (projections.1.tightness.val)
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
                 return None
-            node = node[part]
         return float(node) if isinstance(node, (int, float)) else None
     path = run.run_dir / "result.json"
     if not path.is_file():

@@ -21,6 +21,7 @@ left by a killed write (``.NAME.XXXX.tmp``) is removed when the run is next star
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import json
 import os
@@ -264,6 +265,76 @@ def load_run_config(run_dir: Path):
         return Config.model_validate(yaml.safe_load(path.read_text()))
     except Exception as err:
         raise RunError(f"{path}: invalid run config ({str(err).splitlines()[0]})") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path, what: str) -> dict:
+    """A plain weights file as a state dict: torch (``.pt``/``.pth``, loaded with
+    ``weights_only=True``; a checkpoint's ``state_dict``/``model`` entry and DDP's
+    ``module.`` prefix are taken as such) or safetensors. One-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ConfigError(f"{what}: {path} is a safetensors file: pip install safetensors") from None
+        try:
+            state = load_file(str(path))
+        except Exception as err:
+            raise RunError(f"{path}: corrupt or unreadable safetensors file ({type(err).__name__})") from None
+    else:
+        state = torch_load(path)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunError(f"{path}: not a state dict of tensors")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model, path: Path, what: str, assign: bool = False) -> str | None:
+    """Load a plain weights file into ``model`` (strictly: every key, every shape) and
+    return the file's SHA-256. A timm model takes timm's / torchvision's own keys or a
+    kdlab ``model.pt`` (keys under ``net.``). ``assign=True`` (a model on the meta device)
+    checks keys and shapes only and returns None."""
+    state = read_state_dict(path, what)
+    target = model
+    if hasattr(model, "net") and not any(k.startswith("net.") for k in state):
+        target = model.net
+    try:
+        target.load_state_dict(state, assign=assign)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = " ".join(lines[1:3] if len(lines) > 1 else lines)[:300]
+        raise RunError(f"{what}: {path} does not fit the model ({reason})") from None
+    return None if assign else file_sha256(path)
+
+
+def load_weights_model(name: str, path: Path, num_classes: int, input_shape, what: str):
+    """A frozen model in eval mode: ``name`` built for the data, weights from ``path``."""
+    from .models import build_model
+
+    try:
+        model = build_model(name, num_classes, input_shape=input_shape)
+    except ValueError as err:
+        raise ConfigError(f"{what}: {err}") from None
+    load_weights(model, path, what)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
 
 
 def load_finished_model(run_dir: Path, num_classes: int | None = None, input_shape=None):

@@ -42,7 +42,10 @@ from .runs import (
     atomic_write_json,
     atomic_write_text,
     check_writable_dir,
+    file_sha256,
     load_finished_model,
+    load_weights,
+    load_weights_model,
     parse_metrics,
     read_json,
     remove_stale_temporaries,
@@ -145,9 +148,17 @@ def _scheduler(optimizer, cfg):
 class _Teachers:
     """Frozen teacher(s); several are an ensemble whose logits are averaged."""
 
-    def __init__(self, run_dirs: list[str], data: Dataset, channels_last: bool = False,
+    def __init__(self, teacher_cfg, data: Dataset, channels_last: bool = False,
                  device: torch.device = torch.device("cpu")):
-        self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape).to(device) for r in run_dirs]
+        self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape).to(device)
+                       for r in teacher_cfg.runs]
+        self.weight_files = []  # plain weights files: path and SHA-256, for meta.json
+        for i, spec in enumerate(teacher_cfg.weights):
+            model = load_weights_model(spec.model, Path(spec.path), data.num_classes, data.input_shape,
+                                       f"teacher.weights.{i}")
+            self.models.append(model.to(device))
+            self.weight_files.append({"model": spec.model, "path": str(Path(spec.path).resolve()),
+                                      "sha256": file_sha256(Path(spec.path))})
         if channels_last:  # the same layout as the student's batches: no conversion per step
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         self.device, self.channels_last = device, channels_last
@@ -295,12 +306,16 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
-    teachers = _Teachers(cfg.teacher.runs, data, cfg.channels_last, device) if cfg.teacher else None
+    teachers = _Teachers(cfg.teacher, data, cfg.channels_last, device) if cfg.teacher else None
     try:
         num_params = check_model(cfg.model.name, data.num_classes, data.input_shape)
     except ValueError as err:
         raise ConfigError(f"config key 'model.name': {err} (data {cfg.data.name} gives inputs of shape "
                           f"{tuple(data.input_shape)})") from None
+    if cfg.model.pretrained_path:  # every key and shape checked now, before the run dir exists
+        with torch.device("meta"):
+            shapes = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
+        load_weights(shapes, Path(cfg.model.pretrained_path), "model.pretrained_path", assign=True)
     _check_teacher_source(cfg, data)
     check_memory(cfg, data, num_params, device)
     probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
@@ -394,7 +409,7 @@ def _threads_for_resume(cfg: Config, recorded: int | None, log) -> None:
         "set threads=N to override)")
 
 
-def _write_meta(run_dir: Path, device: torch.device, start_epoch: int) -> None:
+def _write_meta(run_dir: Path, device: torch.device, start_epoch: int, **extra) -> None:
     """meta.json: this start's environment, and every start's (a resumed run's history)."""
     path = run_dir / "meta.json"
     previous = {}
@@ -404,8 +419,11 @@ def _write_meta(run_dir: Path, device: torch.device, start_epoch: int) -> None:
         except ValueError:
             previous = {}
     start = {**run_meta(), "device": describe_device(device), "device_type": device.type, "pid": os.getpid(),
-             "start_epoch": start_epoch}
-    starts = [s for s in previous.get("starts", []) if isinstance(s, dict)] + [start]
+             "start_epoch": start_epoch, **extra}
+    starts = [s for s in previous.get("starts", []) if isinstance(s, dict)]
+    if extra and starts and starts[-1].get("pid") == start["pid"] and starts[-1].get("start_epoch") == start_epoch:
+        starts.pop()  # this start's entry, completed
+    starts.append(start)
     atomic_write_json(path, {**start, "starts": starts})
 
 
@@ -431,7 +449,15 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         atomic_save_npz(run_dir / "label_noise.npz", flipped_indices=data.noisy_indices,
                         clean_labels=data.clean_train_y.numpy(), noisy_labels=data.train_y.numpy())
 
-    model = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape).to(device)
+    model = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
+    weight_files = list(teachers.weight_files) if teachers is not None else []
+    if cfg.model.pretrained_path:
+        digest = load_weights(model, Path(cfg.model.pretrained_path), "model.pretrained_path")
+        weight_files.insert(0, {"model.pretrained_path": str(Path(cfg.model.pretrained_path).resolve()),
+                                "sha256": digest})
+    if weight_files:
+        _write_meta(run_dir, device, start_epoch, weight_files=weight_files)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt_cfg, loss_cfg = cfg.optim, cfg.loss
@@ -473,6 +499,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
     steps_per_epoch = math.ceil(len(data.train_y) / opt_cfg.batch_size)
+    warmup_steps = opt_cfg.warmup_epochs * steps_per_epoch
     params = list(model.parameters())
     n_train, batch_size = len(data.train_y), opt_cfg.batch_size
     done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
@@ -487,6 +514,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen, skipped = 0, 0
+        epoch_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's lr of this epoch
         # the data order and each sample's view come from the checkpointed generator (drawn
         # on the CPU); in-memory data is augmented on the device, streamed data by the loader
         batches = data.epoch_batches(generator, batch_size, device, store) if store else \
@@ -509,13 +537,18 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             loss.backward()
             if opt_cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
+            step = epoch * steps_per_epoch + step_in_epoch + 1
+            if step <= warmup_steps:  # linear warm-up (Goyal et al. 2017): lr · step / warm-up steps
+                for group, base in zip(optimizer.param_groups, epoch_lrs):
+                    group["lr"] = base * step / warmup_steps
             optimizer.step()
             loss_sum += loss.detach().double() * len(index)
             correct += (logits.detach().argmax(1) == y).sum()
-            step = epoch * steps_per_epoch + step_in_epoch + 1
             if probe is not None and step % cfg.mutual_information.every_steps == 0:
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps({"epoch": epoch + 1, "step": step, "mutual_information": probe(model)}) + "\n")
+        for group, base in zip(optimizer.param_groups, epoch_lrs):
+            group["lr"] = base  # (after warm-up steps) the schedule goes on from its own value
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if on_cuda:
@@ -583,6 +616,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         "images_per_s": n_train * opt_cfg.epochs / train_time if train_time > 0 else None,
         "final": {k: v for k, v in record.items() if k.startswith(("val_", "test_", "train_"))},
     }
+    if getattr(data, "classes", None):  # an image folder's class folders: analysis names classes by them
+        result["class_names"] = list(data.classes)
     atomic_write_json(run_dir / "result.json", result)
     checkpoint_path.unlink(missing_ok=True)
     return result

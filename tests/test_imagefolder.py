@@ -192,3 +192,19 @@ def test_builtin_fashion_mnist_folder_is_made_once_from_the_idx_files(tmp_path, 
     assert x.shape == (4, 3, 28, 28) and bool((x[:, 0] == x[:, 1]).all())  # grayscale as RGB
     with pytest.raises(DataError, match="builtin:fashion-mnist"):
         builtin_root("builtin:cifar")
+
+
+def test_projections_name_classes_by_their_folders(folder, tmp_path, capsys):
+    run_dir = Path(train(_config(folder, tmp_path, workers=0, optim={"epochs": 2}), progress=False,
+                         log=lambda *a: None)["run_dir"])
+    assert json.loads((run_dir / "result.json").read_text())["class_names"] == [f"class_{k:02d}" for k in range(4)]
+    assert main(["analyze", str(run_dir), "--classes", "class_00,class_01,class_03", "--classes", "2,0,1",
+                 "--bootstrap", "5"]) == 0
+    report = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    assert [p["classes"] for p in report["projections"]] == [[0, 1, 3], [2, 0, 1]]
+    assert report["projections"][1]["class_names"] == ["class_02", "class_00", "class_01"]
+    assert report["projection"] == report["projections"][0]
+    assert (run_dir / "analysis" / "projection.png").is_file() and (run_dir / "analysis" / "projection_2.png").is_file()
+    capsys.readouterr()
+    assert main(["analyze", str(run_dir), "--classes", "class_00,tench,class_01", "--out", str(tmp_path / "x")]) == 2
+    assert "no class named 'tench'" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -55,6 +55,30 @@ def class_names(dataset: str, num_classes: int) -> list[str]:
     return CLASS_NAMES.get(dataset, [str(k) for k in range(num_classes)])
 
 
+def resolve_class_triples(classes, names: list[str], num_classes: int) -> list[list[int]]:
+    """``classes``: None (0, 1, 2), one triple or a list of triples; each class an index
+    or a class name (an image folder's folder name, e.g. ImageNet's n01440764)."""
+    if classes is None:
+        classes = [0, 1, 2]
+    triples = classes if classes and isinstance(classes[0], (list, tuple)) else [classes]
+    out = []
+    for triple in triples:
+        chosen = []
+        for c in triple:
+            if isinstance(c, str) and not c.lstrip("-").isdigit():
+                if c not in names:
+                    raise RunError(f"--classes {','.join(map(str, triple))}: no class named {c!r} (classes: "
+                                   f"{', '.join(names[:8])}"
+                                   f"{', ...' if len(names) > 8 else ''})")
+                chosen.append(names.index(c))
+            else:
+                chosen.append(int(c))
+        if any(not 0 <= c < num_classes for c in chosen) or len(set(chosen)) != 3:
+            raise RunError(f"--classes needs three distinct classes in 0..{num_classes - 1}, got {list(triple)}")
+        out.append(chosen)
+    return out
+
+
 def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstrap: int = 200,
                 figures: bool = True, log=print) -> dict:
     run_dir = _finished(run_dir)
@@ -112,21 +136,27 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
             stats["teacher"]["teacher_feature_norm_test"] = summarize(feature_norms(test["teacher_features"]))
     report["logit_statistics"] = stats
 
-    # template projection (Müller §2): train and validation panels
-    chosen = [int(c) for c in (classes if classes is not None else range(3))]
-    if any(not 0 <= c < num_classes for c in chosen) or len(set(chosen)) != 3:
-        raise RunError(f"--classes needs three distinct classes in 0..{num_classes - 1}, got {chosen}")
+    # template projection (Müller §2): train and validation panels, for each triple of classes
+    if result.get("class_names"):  # an image folder's class folders (ImageNet: n01440764, ...)
+        names = list(result["class_names"])
+    triples = resolve_class_triples(classes, names, num_classes)
     state = torch_load(run_dir / "model.pt")
-    if "fc.weight" not in state:
-        raise RunError(f"{run_dir}/model.pt has no final layer 'fc' to take templates from")
-    weight, bias = state["fc.weight"].double().numpy(), state["fc.bias"].double().numpy()
-    projections = {}
-    for split in ("train", "val"):
-        if evals[split] is not None:
-            projections[split] = project_templates(evals[split]["features"].astype(np.float64), evals[split]["labels"],
-                                                   weight, bias, chosen)
-    report["projection"] = {"classes": chosen, "class_names": [names[c] for c in chosen],
-                            "tightness": {s: p["tightness"] for s, p in projections.items()}}
+    head = _classifier_key(cfg, run_dir)
+    if f"{head}.weight" not in state or f"{head}.bias" not in state:
+        raise RunError(f"{run_dir}/model.pt has no final layer {head!r} (weight and bias) to take templates from")
+    weight, bias = state[f"{head}.weight"].double().numpy(), state[f"{head}.bias"].double().numpy()
+    all_projections = []
+    for chosen in triples:
+        projections = {}
+        for split in ("train", "val"):
+            if evals[split] is not None:
+                projections[split] = project_templates(evals[split]["features"].astype(np.float64),
+                                                       evals[split]["labels"], weight, bias, chosen)
+        all_projections.append(projections)
+    report["projections"] = [{"classes": chosen, "class_names": [names[c] for c in chosen],
+                              "tightness": {s: p["tightness"] for s, p in projections.items()}}
+                             for chosen, projections in zip(triples, all_projections)]
+    report["projection"] = report["projections"][0]  # the first triple (as before several were allowed)
 
     mi = read_metrics(run_dir, "mutual_information")
     if mi:
@@ -136,7 +166,7 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if figures:
-        report["figures"] = _figures(report, evals, projections, out_dir, run_dir.name, teacher_dir)
+        report["figures"] = _figures(report, evals, all_projections, out_dir, run_dir.name, teacher_dir)
     atomic_write_json(out_dir / "analysis.json", report)
     log(summary(report))
     return report
@@ -152,9 +182,10 @@ def _figures(report, evals, projections, out_dir: Path, label: str, teacher_dir)
     if "teacher_logits" in test:
         models["teacher"] = (test["teacher_logits"], test["labels"])
     figs["reliability"] = str(plots.reliability_diagram(models, out_dir / "reliability"))
-    if projections:
-        names = report["projection"]["class_names"]
-        figs["projection"] = str(plots.template_projection(projections, names, out_dir / "projection"))
+    for number, (panels, proj) in enumerate(zip(projections, report["projections"]), start=1):
+        if panels:  # projection.png, projection_2.png, ...
+            key = "projection" if number == 1 else f"projection_{number}"
+            figs[key] = str(plots.template_projection(panels, proj["class_names"], out_dir / key))
     split = report["logit_statistics"]["logit_sum_split"]
     sums = {label: logit_sums(evals[split]["logits"])}
     if "teacher_logits" in evals[split]:
@@ -190,12 +221,28 @@ def summary(report: dict) -> str:
         t = stats["teacher"]
         lines.append(f"  vs teacher: agreement {t['agreement_test']:.4f}, KL(τ=1) {t['kl_tau1_test']:.4f}, "
                      f"mean ‖z_s − z_t‖ {t['logit_distance_test']['mean']:.3f}")
-    proj = report["projection"]
-    lines.append(f"  template projection {proj['class_names']}: tightness " +
-                 ", ".join(f"{s} {v:.3f}" for s, v in proj["tightness"].items()))
+    for proj in report.get("projections", [report["projection"]]):
+        lines.append(f"  template projection {proj['class_names']}: tightness " +
+                     ", ".join(f"{s} {v:.3f}" for s, v in proj["tightness"].items()))
     if "mutual_information" in report:
         mi = report["mutual_information"]
         lines.append(f"  mutual information: {mi['value'][0]:.3f} -> {mi['value'][-1]:.3f} nats (bound {mi['bound_log_n']:.2f})")
     if "figures" in report:
         lines.append(f"  figures: {Path(next(iter(report['figures'].values()))).parent}/")
     return "\n".join(lines)
+
+
+def _classifier_key(cfg, run_dir: Path) -> str:
+    """The model's last linear layer in its state dict (``fc``; ``net.fc``, ``net.last_linear``, ... for timm)."""
+    if not cfg.model.name.startswith("timm:"):
+        return "fc"
+    import torch
+
+    from ..models import build_model, classifier_key
+
+    result = read_json(run_dir / "result.json")
+    try:
+        with torch.device("meta"):
+            return classifier_key(build_model(cfg.model.name, result["num_classes"], input_shape=result["input_shape"]))
+    except ValueError as err:
+        raise RunError(f"{run_dir}: {err}") from None

@@ -82,8 +82,13 @@ def positive_sizes(name: str, **sizes: int) -> None:
             raise ValueError(f"{name}: {what} must be at least 1, got {value}")
 
 
+def classifier_key(model: nn.Module) -> str:
+    """State-dict prefix of the last linear layer (``fc`` for kdlab's own models)."""
+    return getattr(model, "classifier_name", "fc")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from . import alexnet, cnn1d, mlp, resnet, wrn  # noqa: E402,F401  (registers the families)
+from . import alexnet, cnn1d, mlp, resnet, timm_family, wrn  # noqa: E402,F401  (registers the families)
