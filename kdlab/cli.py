@@ -7,6 +7,7 @@ and exits 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import ConfigError, KdlabError
@@ -30,6 +31,8 @@ def _cmd_train(args) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     result = train(cfg, progress=not args.no_progress)
+    if result is None or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     final = result["final"]
     print(f"{result['run_dir']}: test acc {final['test_acc']:.4f}, test NLL {final['test_nll']:.4f}, "
           f"{result['train_time_s']:.1f} s training")

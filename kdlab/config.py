@@ -105,6 +105,9 @@ class OptimConfig(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm")
     warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up from lr/steps to lr, step by step, over the "
                                "first N epochs (large batches, e.g. Müller A.4's 4096); the schedule runs as usual")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
+                                       "weights and buffers, updated every step (Müller A.4: 0.9999); evaluated "
+                                       "beside the raw weights (ema_* metrics) and saved as model_ema.pt")
 
     @model_validator(mode="after")
     def _warmup_within_training(self):
@@ -213,6 +216,16 @@ class Config(_Strict):
     channels_last: bool = False
     eval_batch_size: int = Field(1000, gt=0)
     eval_every: int = Field(1, ge=1, description="evaluate val/test every N epochs (and always after the last)")
+    sync_batchnorm: bool = Field(False, description="multi-process runs (torchrun): BatchNorm statistics over the "
+                                 "global batch (SyncBatchNorm) instead of each process's part")
+    checkpoint_every_steps: Optional[int] = Field(
+        None, ge=1, description="also checkpoint within an epoch every N steps (with the data order's position; a "
+        "resume ends exactly as an uninterrupted run). Default: epoch ends only for in-memory data, every 5 minutes "
+        "for streamed data. Not part of the hash")
+    checkpoint_every_minutes: Optional[float] = Field(
+        None, gt=0, description="also checkpoint within an epoch every M minutes of training. Not part of the hash")
+    tensorboard: bool = Field(True, description="write TensorBoard scalars to RUN_DIR/tensorboard when the "
+                              "tensorboard package is installed (kdlab[tensorboard]); not part of the hash")
 
     @model_validator(mode="after")
     def _teacher_needed(self):
@@ -225,14 +238,19 @@ class Config(_Strict):
         parent directories excluded, so a tree of runs can be moved, and the device and
         thread count, so a run started on one machine resumes (or is found finished) on
         another (both are recorded in meta.json and result.json instead)."""
-        payload = self.model_dump(mode="json", exclude={"out_dir", "device", "threads", "memory_limit_gb"})
+        payload = self.model_dump(mode="json", exclude={"out_dir", "device", "threads", "memory_limit_gb",
+                                                        "tensorboard", "checkpoint_every_steps",
+                                                        "checkpoint_every_minutes"})
         defaults = DataConfig().model_dump(mode="json")
         for key in _DATA_KEYS_HASHED_OFF_DEFAULT:  # keys newer than existing run dirs: their hashes stay
             if payload["data"][key] == defaults[key]:
                 del payload["data"][key]
         del payload["data"]["loader_workers"]
-        if payload["optim"]["warmup_epochs"] == 0:  # newer than existing run dirs: off = the old hash
-            del payload["optim"]["warmup_epochs"]
+        for key, off in (("warmup_epochs", 0), ("ema_decay", None)):  # newer than existing run dirs:
+            if payload["optim"][key] == off:  # off = the old hash
+                del payload["optim"][key]
+        if not payload["sync_batchnorm"]:
+            del payload["sync_batchnorm"]
         if payload["model"]["pretrained_path"] is None:
             del payload["model"]["pretrained_path"]
         else:  # by file name, as teacher runs (the file's SHA-256 is recorded in meta.json)

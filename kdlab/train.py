@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import Dataset, load_dataset
+from .distributed import SINGLE, context_from_env
 from .errors import ConfigError, RunError, warn
 from .losses import distillation_loss, ensemble_logits
 from .models import build_model, check_model, count_parameters
@@ -56,8 +57,11 @@ from .teacher_cache import TeacherCache, table_bytes
 from .teacher_store import TeacherStore
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` -> a usable torch.device, or a one-line error."""
+def resolve_device(name: str, ctx=None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` -> a usable torch.device, or a one-line error.
+    Under torchrun on CUDA each rank takes ``cuda:LOCAL_RANK``."""
+    if ctx is not None and ctx.active and ctx.backend == "nccl":
+        return torch.device("cuda", ctx.local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -90,8 +94,10 @@ def _to_device_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_batches(model: nn.Module, data: Dataset, batches, *, features: bool = False, bf16: bool = False,
-                    channels_last: bool = False):
-    """Logits (float32, on the CPU) of ``model`` on raw batches (and penultimate features)."""
+                    channels_last: bool = False, ctx=None):
+    """Logits (float32, on the CPU) of ``model`` on raw batches (and penultimate features).
+    With a multi-process ``ctx`` each rank got its share of the batches (round-robin):
+    the outputs are gathered, in batch order, on every rank."""
     was_training = model.training
     model.eval()
     device = _model_device(model)
@@ -103,6 +109,9 @@ def predict_batches(model: nn.Module, data: Dataset, batches, *, features: bool 
         logits.append(out[0].float().cpu())
         feats.append(out[1].float().cpu())
     model.train(was_training)
+    if ctx is not None and ctx.active:
+        pairs = ctx.gather_batches(list(zip(logits, feats if features else [None] * len(logits))))
+        logits, feats = [p[0] for p in pairs], [p[1] for p in pairs]
     logits = torch.cat(logits) if logits else torch.zeros(0)
     return (logits, torch.cat(feats)) if features else logits
 
@@ -112,8 +121,12 @@ def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 
     return predict_batches(model, data, (x[s : s + batch_size] for s in range(0, len(x), batch_size)), **kwargs)
 
 
-def predict_split(model: nn.Module, data, split: str, batch_size: int = 1000, **kwargs):
-    """``predict_batches`` on a split under its evaluation view (in memory or streamed)."""
+def predict_split(model: nn.Module, data, split: str, batch_size: int = 1000, ctx=None, **kwargs):
+    """``predict_batches`` on a split under its evaluation view (in memory or streamed;
+    sharded over the ranks of a multi-process ``ctx``)."""
+    if ctx is not None and ctx.active:
+        batches = data.eval_batches(split, batch_size, _model_device(model), ctx=ctx)
+        return predict_batches(model, data, batches, ctx=ctx, **kwargs)
     return predict_batches(model, data, data.eval_batches(split, batch_size, _model_device(model)), **kwargs)
 
 
@@ -170,8 +183,9 @@ class _Teachers:
         with _autocast(bf16, self.device.type):
             return ensemble_logits([m(x) for m in self.models])
 
-    def predict(self, data: Dataset, split: str, batch_size: int, channels_last: bool = False) -> torch.Tensor:
-        return ensemble_logits([predict_split(m, data, split, batch_size, channels_last=channels_last)
+    def predict(self, data: Dataset, split: str, batch_size: int, channels_last: bool = False,
+                ctx=None) -> torch.Tensor:
+        return ensemble_logits([predict_split(m, data, split, batch_size, channels_last=channels_last, ctx=ctx)
                                 for m in self.models])
 
 
@@ -219,6 +233,8 @@ def physical_memory_bytes(device: torch.device) -> int | None:
 def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, int]:
     """Bytes of the allocations that grow with the config, before any is made."""
     items = {"model (weights, gradients, momentum, checkpoint copy)": 16 * num_params}
+    if cfg.optim.ema_decay:
+        items["weight EMA (and its checkpoint copy)"] = 8 * num_params
     mi = cfg.mutual_information
     if mi.every_steps:
         examples = sum(min(mi.per_class, int((data.train_y == c).sum())) for c in mi.classes)
@@ -295,16 +311,21 @@ def _check_teacher_source(cfg: Config, data) -> None:
 
 
 def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
-          log=print, wait_for_lock: bool = False) -> dict | None:
+          log=print, wait_for_lock: bool = False, stop_after_step: int | None = None) -> dict | None:
     """Train the run ``cfg`` describes; return its result dict.
 
     ``stop_after_epoch`` ends the call after that many epochs in total, as a kill would
     (checkpoint written, no result): the next call resumes. It returns None then.
+    ``stop_after_step`` does the same at the first checkpoint within an epoch at or after
+    that global step (``checkpoint_every_steps`` sets where they are).
     ``wait_for_lock``: when another process trains this run, wait for it (and then
     return its result) instead of failing.
     """
+    ctx = context_from_env(cfg.device)
+    if not ctx.main:  # rank 0 speaks for the run
+        log, progress = (lambda *a, **k: None), False
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, ctx)
     data = load_dataset(cfg.data)
     teachers = _Teachers(cfg.teacher, data, cfg.channels_last, device) if cfg.teacher else None
     try:
@@ -317,13 +338,58 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             shapes = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
         load_weights(shapes, Path(cfg.model.pretrained_path), "model.pretrained_path", assign=True)
     _check_teacher_source(cfg, data)
+    _check_processes(cfg, data, ctx)
     check_memory(cfg, data, num_params, device)
-    probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps else None
+    probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps and ctx.main else None
 
     run_dir = cfg.run_dir()
+    threads_before = torch.get_num_threads()
+    closers = []  # what the loop opened (the TensorBoard writer): closed however it ends
+    lock = created = None
+    try:
+        if ctx.main:
+            try:
+                finished, lock, created = _claim_run_dir(cfg, run_dir, wait_for_lock, log)
+            except BaseException as err:
+                ctx.broadcast(("error", _one_line(err)))
+                raise
+            ctx.broadcast(("finished", finished) if finished is not None else ("train", None))
+        else:
+            status, finished = ctx.broadcast(None)
+            if status == "error":
+                raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {finished}")
+        if finished is not None:
+            log(f"{run_dir}: finished already, nothing to do")
+            return finished
+        return _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log, closers,
+                             stop_after_step, ctx)
+    except BaseException:
+        # nothing to resume from: leave nothing behind (what this call created)
+        if ctx.main and lock is not None and not (run_dir / "checkpoint.pt").exists() \
+                and not (run_dir / "result.json").exists():
+            _remove_created(run_dir, created)
+        raise
+    finally:
+        for closer in closers:
+            closer.close()
+        if lock is not None:
+            lock.release()
+        torch.set_num_threads(threads_before)
+        if data.streamed:
+            data.close()  # the loader's worker processes
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _claim_run_dir(cfg: Config, run_dir: Path, wait_for_lock: bool, log):
+    """(result of a finished run or None, the held RunLock, the first directory this call
+    created). Rank 0 only: checks that the places it will write are writable, makes the
+    run dir, takes the run's lock (waiting for another process if asked)."""
     if (run_dir / "result.json").is_file():
-        log(f"{run_dir}: finished already, nothing to do")
-        return read_json(run_dir / "result.json")
+        return read_json(run_dir / "result.json"), None, None
     check_writable_dir(cfg.out_dir, "out_dir")
     if cfg.teacher is not None:
         for key, where in (("teacher.cache.dir", cfg.teacher.cache.dir), ("teacher.store.dir", cfg.teacher.store.dir)):
@@ -340,22 +406,21 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         raise
     if created is not None and any(p.name != ".lock" for p in run_dir.iterdir()):
         created = None  # another process filled it while we waited: not ours to remove
-    threads_before = torch.get_num_threads()
-    try:
-        if (run_dir / "result.json").is_file():  # finished by the process we waited for
-            log(f"{run_dir}: finished already, nothing to do")
-            return read_json(run_dir / "result.json")
-        return _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log)
-    except BaseException:
-        # nothing to resume from: leave nothing behind (what this call created)
-        if not (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists():
-            _remove_created(run_dir, created)
-        raise
-    finally:
+    if (run_dir / "result.json").is_file():  # finished by the process we waited for
         lock.release()
-        torch.set_num_threads(threads_before)
-        if data.streamed:
-            data.close()  # the loader's worker processes
+        return read_json(run_dir / "result.json"), None, None
+    return None, lock, created
+
+
+def _check_processes(cfg: Config, data, ctx) -> None:
+    """Multi-process runs: every rank gets rows of every global batch."""
+    if not ctx.active:
+        return
+    n = len(data.train_y)
+    last = n % cfg.optim.batch_size or cfg.optim.batch_size
+    if min(cfg.optim.batch_size, last) < ctx.world:
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size}: with {n} training samples the last batch has "
+                          f"{last}, fewer than the {ctx.world} processes (each needs rows of every batch)")
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -378,9 +443,11 @@ def _load_checkpoint(path: Path) -> dict:
                        "epoch 0 (or put a good checkpoint back as checkpoint.pt to resume)") from None
 
 
-def _restore(state: dict, path: Path, model, optimizer, scheduler, generator, device) -> None:
+def _restore(state: dict, path: Path, model, optimizer, scheduler, generator, device, ema=None) -> None:
     try:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
@@ -427,25 +494,114 @@ def _write_meta(run_dir: Path, device: torch.device, start_epoch: int, **extra) 
     atomic_write_json(path, {**start, "starts": starts})
 
 
-def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log):
+def _tensorboard_writer(cfg: Config, run_dir: Path, purge_step: int, log):
+    """A SummaryWriter on RUN_DIR/tensorboard, or None (off, or the package missing).
+    ``purge_step``: a resumed run's TensorBoard drops what the killed process logged after
+    the checkpoint it resumes from."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step if purge_step > 0 else None)
+
+
+def _scalar_tag(key: str) -> str:
+    """metrics.jsonl keys -> TensorBoard tags: val_acc -> val/acc, ema_test_acc -> ema_test/acc."""
+    for prefix in ("ema_val_", "ema_test_", "train_", "val_", "test_"):
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key[len(prefix):]}"
+    return {"lr": "train/lr", "images_per_s": "speed/images_per_s", "epoch_time_s": "speed/epoch_time_s"}.get(
+        key, f"other/{key}")
+
+
+def _make_ema(model: nn.Module, decay: float):
+    """torch's AveragedModel with its EMA update (weights and buffers)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _process_meta(ctx, device: torch.device) -> dict:
+    """world_size, backend and every rank's device (a collective in multi-process runs)."""
+    if not ctx.active:
+        return {"world_size": 1}
+    devices = [None] * ctx.world
+    torch.distributed.all_gather_object(devices, describe_device(device))
+    return {"world_size": ctx.world, "backend": ctx.backend, "devices": devices}
+
+
+def _sum_over_ranks(ctx, device, loss_sum, correct, seen: int, skipped: int):
+    """The epoch's running sums over every rank (unchanged in one process)."""
+    if not ctx.active:
+        return loss_sum, correct, seen, skipped
+    loss_sum, correct = ctx.all_reduce_(loss_sum.clone()), ctx.all_reduce_(correct.clone())
+    counts = ctx.all_reduce_(torch.tensor([seen, skipped], dtype=torch.int64, device=device))
+    return loss_sum, correct, int(counts[0]), int(counts[1])
+
+
+def _checkpoint_cadence(cfg: Config, data) -> tuple[int | None, float | None]:
+    """(every N steps, every S seconds) of checkpoints within an epoch (epoch ends always).
+    Default: none for in-memory data (an epoch is short), every 5 minutes for streamed data."""
+    if cfg.checkpoint_every_steps is None and cfg.checkpoint_every_minutes is None:
+        return None, (300.0 if data.streamed else None)
+    minutes = cfg.checkpoint_every_minutes
+    return cfg.checkpoint_every_steps, (minutes * 60 if minutes else None)
+
+
+def _checkpoint(epochs_done: int, model, optimizer, scheduler, generator, device, ema=None, step_in_epoch: int = 0,
+                epoch_generator=None, partial=None) -> dict:
+    """What a resume needs. Within an epoch (``step_in_epoch`` > 0) also the generator as
+    the epoch began (the batches done are drawn again and skipped) and the epoch's sums."""
+    state = {"epoch": epochs_done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+             "torch_rng": torch.get_rng_state(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if step_in_epoch:
+        state.update(step_in_epoch=step_in_epoch, epoch_generator=epoch_generator, partial=partial)
+    return state
+
+
+def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log, closers,
+                  stop_after_step=None, ctx=SINGLE):
+    """The loop, for every rank of a multi-process run (``ctx``); rank 0 alone writes."""
     on_cuda = device.type == "cuda"
     if on_cuda:  # (torch.manual_seed above seeds the CUDA generators too)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    removed = remove_stale_temporaries(run_dir)
-    if removed:
-        warn(f"{run_dir}: removed {len(removed)} temporary file(s) of an interrupted write")
+    if ctx.main:
+        removed = remove_stale_temporaries(run_dir)
+        if removed:
+            warn(f"{run_dir}: removed {len(removed)} temporary file(s) of an interrupted write")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     checkpoint_path = run_dir / "checkpoint.pt"
-    state = _load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    if ctx.main:  # rank 0 checks (and sets aside a corrupt one) before the others read it
+        try:
+            state = _load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+        except BaseException as err:
+            ctx.broadcast(("error", _one_line(err)))
+            raise
+        ctx.broadcast(("ok", state is not None))
+    else:
+        status, has_state = ctx.broadcast(None)
+        if status == "error":
+            raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {has_state}")
+        state = torch_load(checkpoint_path) if has_state else None
     if state is not None:
         _threads_for_resume(cfg, state.get("torch_threads"), log)
-    if not (run_dir / "config.yaml").exists():
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     start_epoch = state["epoch"] if state is not None else 0
-    _write_meta(run_dir, device, start_epoch)
-    log(f"{run_dir}: training on {describe_device(device)}")
-    if len(data.noisy_indices):
+    processes = _process_meta(ctx, device)  # (a collective: every rank)
+    if ctx.main:
+        if not (run_dir / "config.yaml").exists():
+            atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        _write_meta(run_dir, device, start_epoch, **processes)
+    log(f"{run_dir}: training on {describe_device(device)}"
+        + (f" × {ctx.world} processes ({ctx.backend})" if ctx.active else ""))
+    if len(data.noisy_indices) and ctx.main:
         atomic_save_npz(run_dir / "label_noise.npz", flipped_indices=data.noisy_indices,
                         clean_labels=data.clean_train_y.numpy(), noisy_labels=data.train_y.numpy())
 
@@ -455,11 +611,13 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         digest = load_weights(model, Path(cfg.model.pretrained_path), "model.pretrained_path")
         weight_files.insert(0, {"model.pretrained_path": str(Path(cfg.model.pretrained_path).resolve()),
                                 "sha256": digest})
-    if weight_files:
-        _write_meta(run_dir, device, start_epoch, weight_files=weight_files)
+    if weight_files and ctx.main:
+        _write_meta(run_dir, device, start_epoch, weight_files=weight_files, **processes)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if ctx.active and cfg.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt_cfg, loss_cfg = cfg.optim, cfg.loss
     optimizer = torch.optim.SGD(
         _param_groups(model, opt_cfg.weight_decay, opt_cfg.decay_bn_bias),
@@ -467,39 +625,70 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     )
     scheduler = _scheduler(optimizer, opt_cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
+    ema = _make_ema(model, opt_cfg.ema_decay) if opt_cfg.ema_decay else None
     if state is not None:
-        _restore(state, checkpoint_path, model, optimizer, scheduler, generator, device)
-        log(f"{run_dir}: resuming after epoch {start_epoch}")
+        _restore(state, checkpoint_path, model, optimizer, scheduler, generator, device, ema)
+    # DDP wraps the student only (teachers stay frozen and unwrapped); `model` is the module
+    # itself for evaluation, EMA and saving
+    train_model = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+    if state is not None:
+        if state.get("step_in_epoch"):
+            log(f"{run_dir}: resuming in epoch {start_epoch + 1} after step {state['step_in_epoch']}")
+        else:
+            log(f"{run_dir}: resuming after epoch {start_epoch}")
+    resume_step = state.get("step_in_epoch", 0) if state is not None else 0
     metrics_path = run_dir / "metrics.jsonl"
     previous = []
-    if metrics_path.exists():
+    if metrics_path.exists() and ctx.main:
         previous, partial = parse_metrics(metrics_path)
         if partial:
             warn(f"{metrics_path}: dropped a partial last line (an interrupted write)")
-    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in previous if m.get("epoch", 0) <= start_epoch))
+    steps_per_epoch = math.ceil(len(data.train_y) / opt_cfg.batch_size)
+    resumed_at = start_epoch * steps_per_epoch + resume_step  # global steps done
+    if ctx.main:
+        atomic_write_text(metrics_path, "".join(  # epochs done, and MI lines of the steps done
+            json.dumps(m) + "\n" for m in previous
+            if m.get("epoch", 0) <= start_epoch or ("train_loss" not in m and m.get("step", math.inf) <= resumed_at)))
     test_teacher = val_teacher = None
     if teachers is not None:
-        val_teacher = teachers.predict(data, "val", cfg.eval_batch_size, cfg.channels_last)
-        test_teacher = teachers.predict(data, "test", cfg.eval_batch_size, cfg.channels_last)
+        val_teacher = teachers.predict(data, "val", cfg.eval_batch_size, cfg.channels_last, ctx)
+        test_teacher = teachers.predict(data, "test", cfg.eval_batch_size, cfg.channels_last, ctx)
     use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
     cache = store = None
     if use_teacher_in_step and data.streamed and cfg.teacher.store.crops:
         store = TeacherStore(teachers, data, cfg.teacher.store, Path(cfg.out_dir) / ".teacher-store", log, cfg.bf16,
                              loss_cfg.tau)
-        store.build(cfg.eval_batch_size, progress)
+        if ctx.main:  # rank 0 builds (or finds) the store, the others then open it
+            store.build(cfg.eval_batch_size, progress)
+        ctx.barrier()
+        if not ctx.main:
+            store.build(cfg.eval_batch_size, False)
         cache = store  # looked up by (image, crop number): the same call as the exact table
     if use_teacher_in_step and cfg.teacher.cache.mode != "off" and not data.streamed:
-        try:
-            cache = TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log, cfg.bf16)
-        except MemoryError as err:
-            log(f"{err}: running the teacher online instead")
-        if cache is not None and cfg.teacher.cache.mode == "full":
-            cache.build(cfg.eval_batch_size, progress)
+        for turn in ("main", "others"):  # rank 0 reads, builds and saves the table; the others then read it
+            if (turn == "main") == ctx.main:
+                try:
+                    cache = TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log,
+                                         cfg.bf16)
+                except MemoryError as err:
+                    log(f"{err}: running the teacher online instead")
+                if cache is not None and cfg.teacher.cache.mode == "full" and ctx.main:
+                    cache.build(cfg.eval_batch_size, progress)
+            if turn == "main":
+                ctx.barrier()
     loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
-    steps_per_epoch = math.ceil(len(data.train_y) / opt_cfg.batch_size)
     warmup_steps = opt_cfg.warmup_epochs * steps_per_epoch
+    writer = _tensorboard_writer(cfg, run_dir, resumed_at + 1, log) if ctx.main else None
+    every_steps, every_s = _checkpoint_cadence(cfg, data)
+    last_saved = time.monotonic()
+    if writer is not None:
+        closers.append(writer)
     params = list(model.parameters())
     n_train, batch_size = len(data.train_y), opt_cfg.batch_size
     done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
@@ -511,30 +700,56 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     for epoch in bar:
         model.train()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen, skipped = 0, 0
-        epoch_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's lr of this epoch
+        first = resume_step if epoch == start_epoch else 0
+        if first:  # within an epoch: the generator as the epoch began, the sums as they were
+            partial = state["partial"]
+            epoch_generator = state["epoch_generator"]
+            generator.set_state(epoch_generator)
+            elapsed, epoch_lrs = partial["elapsed"], partial["lrs"]
+            if ctx.main:  # (the checkpoint holds the sums over all ranks: rank 0 carries them)
+                loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
+                seen, skipped = partial["seen"], partial["skipped"]
+            else:
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                correct = torch.zeros((), dtype=torch.int64, device=device)
+                seen, skipped = 0, 0
+        else:
+            epoch_generator = generator.get_state()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen, skipped, elapsed = 0, 0, 0.0
+            epoch_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's lr of this epoch
         # the data order and each sample's view come from the checkpointed generator (drawn
-        # on the CPU); in-memory data is augmented on the device, streamed data by the loader
-        batches = data.epoch_batches(generator, batch_size, device, store) if store else \
-            data.epoch_batches(generator, batch_size, device)
-        for step_in_epoch, (raw, y, index, views, bad) in enumerate(batches):
+        # on the CPU); in-memory data is augmented on the device, streamed data by the loader.
+        # A resumed epoch draws the batches done again (cheap: numbers only) and skips them.
+        shard_of = {"ctx": ctx} if ctx.active else {}  # each rank: its slice of every global batch
+        batches = data.epoch_batches(generator, batch_size, device, store, start_batch=first, **shard_of) if store \
+            else data.epoch_batches(generator, batch_size, device, start_batch=first, **shard_of)
+        for step_in_epoch, (raw, y, index, views, bad) in enumerate(batches, start=first):
             skipped += bad
             if raw is None:  # every image of the batch unreadable (data.on_bad_image=skip)
+                if ctx.active:  # the other ranks wait in this step's gradient all-reduce
+                    raise RunError(f"rank {ctx.rank}: every image of its part of batch {step_in_epoch + 1} is "
+                                   "unreadable (data.on_bad_image=skip cannot skip a whole part in a multi-process "
+                                   "run): remove the files or use larger batches")
                 continue
             seen += len(index)
             x = _to_device_layout(data.prepare(raw), cfg.channels_last)
             y = y.to(device, non_blocking=True)
             with _autocast(cfg.bf16, device.type):
-                logits = model(x)
+                logits = train_model(x)
             if cache is not None:
                 teacher_logits = cache.lookup(index, views, x)
             else:
                 teacher_logits = teachers(x, cfg.bf16) if use_teacher_in_step else None
             loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if ctx.active:  # DDP averages gradients over ranks: weigh each rank's mean by its rows
+                rows = torch.tensor(float(len(index)), device=device)
+                total = ctx.all_reduce_(rows.clone())
+                (loss * (rows * ctx.world / total)).backward()
+            else:
+                loss.backward()
             if opt_cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
             step = epoch * steps_per_epoch + step_in_epoch + 1
@@ -542,18 +757,42 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 for group, base in zip(optimizer.param_groups, epoch_lrs):
                     group["lr"] = base * step / warmup_steps
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            if writer is not None and step % 50 == 0:  # (one device sync every 50 steps)
+                writer.add_scalar("train/loss_step", loss.item(), step)
             loss_sum += loss.detach().double() * len(index)
             correct += (logits.detach().argmax(1) == y).sum()
             if probe is not None and step % cfg.mutual_information.every_steps == 0:
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps({"epoch": epoch + 1, "step": step, "mutual_information": probe(model)}) + "\n")
+            due = False
+            if step_in_epoch + 1 < steps_per_epoch:
+                if every_steps and step % every_steps == 0:
+                    due = True
+                elif every_s and not ctx.active:
+                    due = time.monotonic() - last_saved >= every_s
+                elif every_s and step % 20 == 0:  # rank 0's clock decides for all (one broadcast per 20 steps)
+                    due = ctx.broadcast(time.monotonic() - last_saved >= every_s)
+            if due:
+                sums = _sum_over_ranks(ctx, device, loss_sum, correct, seen, skipped)
+                partial = {"loss_sum": sums[0].cpu(), "correct": sums[1].cpu(), "seen": sums[2], "skipped": sums[3],
+                           "elapsed": elapsed + time.perf_counter() - started, "lrs": epoch_lrs}
+                if ctx.main:
+                    atomic_torch_save(_checkpoint(epoch, model, optimizer, scheduler, generator, device, ema,
+                                                  step_in_epoch + 1, epoch_generator, partial), checkpoint_path)
+                last_saved = time.monotonic()
+                if stop_after_step is not None and step >= stop_after_step:
+                    bar.close()
+                    return None
         for group, base in zip(optimizer.param_groups, epoch_lrs):
             group["lr"] = base  # (after warm-up steps) the schedule goes on from its own value
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if on_cuda:
             torch.cuda.synchronize(device)  # the epoch's kernels are queued, not finished
-        epoch_time = time.perf_counter() - started
+        loss_sum, correct, seen, skipped = _sum_over_ranks(ctx, device, loss_sum, correct, seen, skipped)
+        epoch_time = elapsed + time.perf_counter() - started
         train_time += epoch_time
         train_loss = (loss_sum / max(seen, 1)).item()
         if not math.isfinite(train_loss):
@@ -570,25 +809,33 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 y = data.split_labels(split)
                 if len(y):
                     logits = predict_split(model, data, split, cfg.eval_batch_size, bf16=cfg.bf16,
-                                           channels_last=cfg.channels_last)
+                                           channels_last=cfg.channels_last, ctx=ctx)
                     record.update(_metrics(split, logits, y, teacher_logits))
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        checkpoint = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                      "torch_rng": torch.get_rng_state(), "torch_threads": torch.get_num_threads()}
-        if on_cuda:
-            checkpoint["cuda_rng"] = torch.cuda.get_rng_state(device)
-        atomic_torch_save(checkpoint, checkpoint_path)
+                    if ema is not None:
+                        logits = predict_split(ema.module, data, split, cfg.eval_batch_size, bf16=cfg.bf16,
+                                               channels_last=cfg.channels_last, ctx=ctx)
+                        record.update({f"ema_{k}": v for k, v in _metrics(split, logits, y, teacher_logits).items()})
+        if ctx.main:
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    writer.add_scalar(_scalar_tag(key), value, (epoch + 1) * steps_per_epoch)
+            writer.flush()
+        if ctx.main:
+            atomic_torch_save(_checkpoint(epoch + 1, model, optimizer, scheduler, generator, device, ema),
+                              checkpoint_path)
+        last_saved = time.monotonic()
         bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{record.get('test_acc', float('nan')):.3f}",
                         img_s=f"{record['images_per_s']:.0f}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
             bar.close()
-            if cache is not None and store is None:
+            if cache is not None and store is None and ctx.main:
                 cache.save()
             return None
     bar.close()
-    if cache is not None and store is None:
+    if cache is not None and store is None and ctx.main:
         cache.save()
 
     for split in ("train", "val", "test"):
@@ -596,17 +843,17 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         if data.streamed and split == "train" and len(y) > STREAMED_TRAIN_EVAL_MAX:
             continue  # ImageNet-size: 1.28M × 2048 features; analyses use val/test
         logits, features = predict_split(model, data, split, cfg.eval_batch_size, features=True, bf16=cfg.bf16,
-                                         channels_last=cfg.channels_last)
+                                         channels_last=cfg.channels_last, ctx=ctx)
         # train: unaugmented, with the (possibly noisy) training labels; features in fp16 to keep it small
         arrays = {"logits": logits.numpy(), "labels": y.numpy(),
                   "features": features.half().numpy() if split == "train" else features.numpy()}
         teacher_logits = {"val": val_teacher, "test": test_teacher}.get(split)
         if split == "train" and teachers is not None:
-            teacher_logits = teachers.predict(data, "train", cfg.eval_batch_size, cfg.channels_last)
+            teacher_logits = teachers.predict(data, "train", cfg.eval_batch_size, cfg.channels_last, ctx)
         if teacher_logits is not None:
             arrays["teacher_logits"] = teacher_logits.numpy()
-        atomic_save_npz(run_dir / f"eval_{split}.npz", **arrays)
-    atomic_torch_save(model.state_dict(), run_dir / "model.pt")
+        if ctx.main:
+            atomic_save_npz(run_dir / f"eval_{split}.npz", **arrays)
     result = {
         "run_dir": str(run_dir), "name": cfg.name, "hash": cfg.run_hash(), "device": describe_device(device),
         "device_type": device.type, "torch_threads": torch.get_num_threads(),
@@ -614,10 +861,15 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         "dataset": cfg.data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
         "num_params": count_parameters(model), "epochs": opt_cfg.epochs, "train_time_s": train_time,
         "images_per_s": n_train * opt_cfg.epochs / train_time if train_time > 0 else None,
-        "final": {k: v for k, v in record.items() if k.startswith(("val_", "test_", "train_"))},
+        "final": {k: v for k, v in record.items() if k.startswith(("val_", "test_", "train_", "ema_"))},
     }
     if getattr(data, "classes", None):  # an image folder's class folders: analysis names classes by them
         result["class_names"] = list(data.classes)
-    atomic_write_json(run_dir / "result.json", result)
-    checkpoint_path.unlink(missing_ok=True)
+    result.update(processes)
+    if ctx.main:
+        atomic_torch_save(model.state_dict(), run_dir / "model.pt")
+        if ema is not None:
+            atomic_torch_save(ema.module.state_dict(), run_dir / "model_ema.pt")
+        atomic_write_json(run_dir / "result.json", result)
+        checkpoint_path.unlink(missing_ok=True)
     return result

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from kdlab.config import TeacherStoreConfig, build_config
+from kdlab.config import TeacherConfig, TeacherStoreConfig, build_config
 from kdlab.data import load_dataset
 from kdlab.losses import distillation_loss
 from kdlab.runs import read_metrics
@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
 def test_stored_logits_equal_the_online_teachers_on_the_same_crops(setup, tmp_path, dtype, tolerance):
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers([teacher_dir], data)
+    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     store = TeacherStore(teachers, data, TeacherStoreConfig(crops=3, dtype=dtype, shard_size=7), tmp_path,
                          log=lambda *a: None)
     store.build(batch_size=64, progress=False)
@@ -66,7 +66,7 @@ def test_stored_logits_equal_the_online_teachers_on_the_same_crops(setup, tmp_pa
 def test_a_build_resumes_at_the_missing_shard_and_is_reproducible(setup, tmp_path):
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers([teacher_dir], data)
+    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     cfg = TeacherStoreConfig(crops=2, dtype="float32", shard_size=10)
     store = TeacherStore(teachers, data, cfg, tmp_path / "a", log=lambda *a: None)
     store.build(64, progress=False)
@@ -104,7 +104,7 @@ def test_a_student_on_the_store_trains_and_resumes_exactly(setup, tmp_path):
 def test_a_top_k_store_keeps_the_k_largest_probabilities_and_spreads_the_rest(setup, tmp_path):
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers([teacher_dir], data)
+    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     tau, k = 2.0, 2
     store = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, dtype="float32", top_k=k), tmp_path,
                          log=lambda *a: None, tau=tau)
@@ -144,7 +144,7 @@ def test_a_top_k_store_refuses_what_it_cannot_serve(setup, tmp_path, capsys):
 def test_crops_do_not_depend_on_the_sharding(setup, tmp_path):
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers([teacher_dir], data)
+    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     stores = []
     for shard_size in (5, 13):
         store = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, shard_size=shard_size), tmp_path / str(shard_size),

@@ -110,7 +110,7 @@ def test_warmup_raises_the_lr_linearly_step_by_step(tmp_path, monkeypatch):
     cfg = _digits(tmp_path, optim={"epochs": 3, "warmup_epochs": 2, "schedule": "multistep", "milestones": [2],
                                    "gamma": 0.5, "lr": 0.08, "batch_size": 400})
     run_dir = train(cfg, **QUIET)["run_dir"]
-    per_epoch = len(seen) // 3  # 1,297 training images / 400 = 4 steps an epoch
+    per_epoch = len(seen) // 3  # 1,300 training images / 400 = 4 steps an epoch
     assert per_epoch == 4
     assert seen[: 2 * per_epoch] == pytest.approx([0.08 * s / 8 for s in range(1, 9)])
     assert seen[2 * per_epoch:] == pytest.approx([0.04] * per_epoch)  # the schedule after the warm-up

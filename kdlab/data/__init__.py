@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..distributed import shard
 from ..errors import ConfigError, DataError
 from .augment import AUGMENTATIONS, Augmentation, get_augmentation
 from .sources import (
@@ -86,25 +87,36 @@ class Dataset:
     def split_labels(self, split: str) -> torch.Tensor:
         return self.split(split)[1]
 
-    def epoch_batches(self, generator: torch.Generator, batch_size: int, device: torch.device):
+    def epoch_batches(self, generator: torch.Generator, batch_size: int, device: torch.device,
+                      start_batch: int = 0, ctx=None):
         """One epoch in the generator's order: (augmented raw batch on ``device``, labels,
         sample indices, view ids, 0 skipped). The training split is copied to the device
-        once; the order and the views are drawn on the CPU, batch by batch."""
+        once; the order and the views are drawn on the CPU, batch by batch. The first
+        ``start_batch`` batches are drawn (the generator moves as it did) but not made. With a
+        multi-process ``ctx`` (kdlab.distributed), every rank draws the same global batches
+        and keeps its contiguous slice of each."""
         if device not in self._on_device:
             self._on_device[device] = (self.train_x.to(device), self.train_y.to(device))
         train_x, train_y = self._on_device[device]
         order = torch.randperm(len(self.train_y), generator=generator)
-        for begin in range(0, len(order), batch_size):
+        for number, begin in enumerate(range(0, len(order), batch_size)):
             index = order[begin : begin + batch_size]
             views = self.augmentation.sample(len(index), generator)
+            if number < start_batch:
+                continue
+            if ctx is not None and ctx.active:
+                part = shard(len(index), ctx)
+                index, views = index[part], views[part]
             index_d = index.to(device, non_blocking=True)
             yield self.augmentation.apply(train_x[index_d], views), train_y[index_d], index, views, 0
 
-    def eval_batches(self, split: str, batch_size: int, device: torch.device):
-        """Raw (unaugmented) batches of ``split`` on ``device``."""
+    def eval_batches(self, split: str, batch_size: int, device: torch.device, ctx=None):
+        """Raw (unaugmented) batches of ``split`` on ``device`` (with a multi-process ``ctx``:
+        batch b on rank b mod N)."""
         x = self.split(split)[0]
-        for start in range(0, len(x), batch_size):
-            yield x[start : start + batch_size].to(device)
+        for number, start in enumerate(range(0, len(x), batch_size)):
+            if ctx is None or number % ctx.world == ctx.rank:
+                yield x[start : start + batch_size].to(device)
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in ("train", "val", "test"):

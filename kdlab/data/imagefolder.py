@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..distributed import shard
 from ..errors import DataError, warn
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -287,11 +288,14 @@ class ImageFolderData:
         except DataError as err:  # re-raised from a worker with its traceback: keep our line
             raise DataError(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
-    def epoch_batches(self, generator: torch.Generator, batch_size: int, device: torch.device, store=None):
+    def epoch_batches(self, generator: torch.Generator, batch_size: int, device: torch.device, store=None,
+                      start_batch: int = 0, ctx=None):
         """One epoch in the generator's order: (raw uint8 batch on device, labels, sample
         indices, views, skipped count). The order and the views are drawn here: a fresh
         row of uniforms per sample, or, with a teacher ``store``, one of each image's
-        stored crops (the views are then crop numbers, the rows come from the store)."""
+        stored crops (the views are then crop numbers, the rows come from the store). The
+        first ``start_batch`` batches are drawn but not loaded (a resume within an epoch). With a
+        multi-process ``ctx``, each rank loads its contiguous slice of every global batch."""
         n = len(self.labels["train"])
         order = torch.randperm(n, generator=generator)
         if store is None:
@@ -304,14 +308,20 @@ class ImageFolderData:
             index, row = order[begin : begin + batch_size], rows[begin : begin + batch_size]
             batches.append([("train", int(i), r) for i, r in zip(index.tolist(), row.numpy())])
             batch_views.append(views[begin : begin + batch_size])
-        views = batch_views
+        batches, views = batches[start_batch:], batch_views[start_batch:]
+        if ctx is not None and ctx.active:
+            parts = [shard(len(batch), ctx) for batch in batches]
+            batches, views = [b[p] for b, p in zip(batches, parts)], [v[p] for v, p in zip(views, parts)]
         for (x, y, index, skipped, positions), view in zip(self._pass(batches, device), views):
             yield x, y, index, view[positions], skipped  # the views of the images kept
 
-    def eval_batches(self, split: str, batch_size: int, device: torch.device):
-        """Raw uint8 batches of ``split`` under the evaluation view, in file order."""
+    def eval_batches(self, split: str, batch_size: int, device: torch.device, ctx=None):
+        """Raw uint8 batches of ``split`` under the evaluation view, in file order (with a
+        multi-process ``ctx``: batch b on rank b mod N)."""
         n = len(self.labels[split])
         batches = [[(split, i, None) for i in range(b, min(b + batch_size, n))] for b in range(0, n, batch_size)]
+        if ctx is not None:
+            batches = batches[ctx.rank :: ctx.world]
         total = 0
         for x, _, _, skipped, _ in self._pass(batches, device):
             total += skipped

@@ -1,0 +1,132 @@
+"""torchrun DDP on the CPU (gloo): the code path of multi-GPU runs, tested here.
+
+Every run is a real ``torchrun --nproc_per_node=N -m kdlab train`` (``python -m
+torch.distributed.run``). The model is an MLP without BatchNorm or dropout, where N
+processes with the same global batch are mathematically one process: the per-epoch
+losses, metrics and weights must agree to float rounding.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdlab.config import build_config
+from kdlab.runs import read_metrics
+
+TIME_KEYS = {"epoch_time_s", "images_per_s"}
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+ENV.pop("KDLAB_TEST_KILL_IN_WRITE", None)
+
+
+def _config(out_dir, **extra):
+    data = {"out_dir": str(out_dir), "threads": 1,
+            "data": {"name": "digits", "val_size": 200, "augment": "shift2"},
+            "model": {"name": "mlp-64"},
+            "optim": {"epochs": 3, "batch_size": 64, "lr": 0.05, "schedule": "cosine", "ema_decay": 0.9}}
+    for key, value in extra.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(data)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cfg, tmp_path, processes: int, env=None, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    path = tmp_path / f"config-{cfg.run_hash()}.yaml"
+    path.write_text(cfg.to_yaml())
+    if processes == 1:
+        command = [sys.executable, "-m", "kdlab", "train", str(path), "--no-progress"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+                   "-m", "kdlab", "train", str(path), "--no-progress"]
+    done = subprocess.run(command, cwd=tmp_path, env=env or ENV, capture_output=True, text=True, timeout=300)
+    if expect_ok:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def _metrics(run_dir):
+    return [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in read_metrics(run_dir)]
+
+
+def _close(a: Path, b: Path, exact: bool = False) -> None:
+    ma, mb = _metrics(a), _metrics(b)
+    assert len(ma) == len(mb) == 3 and [m["epoch"] for m in mb] == [1, 2, 3]
+    for x, y in zip(ma, mb):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == (y[key] if exact else pytest.approx(y[key], rel=1e-5, abs=1e-6)), key
+    for name in ("model.pt", "model_ema.pt"):
+        wa, wb = (torch.load(d / name, weights_only=True) for d in (a, b))
+        for key in wa:
+            if exact:
+                assert torch.equal(wa[key], wb[key]), key
+            else:
+                torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    for split in ("train", "val", "test"):
+        ea, eb = (np.load(d / f"eval_{split}.npz") for d in (a, b))
+        assert np.array_equal(ea["labels"], eb["labels"])
+        np.testing.assert_allclose(ea["logits"], eb["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    one = _config(tmp_path / "one")
+    two = _config(tmp_path / "two")
+    assert one.run_hash() == two.run_hash()  # the process count is not part of the run's identity
+    _run(one, tmp_path, 1)
+    done = _run(two, tmp_path, 2)
+    assert done.stdout.count("test acc") == 1  # rank 0 speaks for the run
+    _close(one.run_dir(), two.run_dir())
+    run_dir = two.run_dir()
+    written = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} - {"tensorboard"}
+    assert written == {"config.yaml", "meta.json", "metrics.jsonl", "model.pt", "model_ema.pt", "result.json",
+                       "eval_train.npz", "eval_val.npz", "eval_test.npz"}  # one run dir, rank 0's
+    result = json.loads((run_dir / "result.json").read_text())
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert result["world_size"] == meta["world_size"] == 2 and result["backend"] == "gloo"
+    assert meta["devices"] == ["cpu (1 threads)"] * 2
+
+
+def test_killed_mid_epoch_with_two_processes_resumes_with_two_or_one(tmp_path):
+    """Rank 0 SIGKILLed inside its 4th checkpoint write (mid-epoch: every 3 steps of 21):
+    torchrun takes the run down, and it resumes — with 2 processes exactly as an
+    uninterrupted 2-process run, with 1 process to float rounding."""
+    whole = _config(tmp_path / "whole")
+    _run(whole, tmp_path, 2)
+    for resumed_with in (2, 1):
+        cfg = _config(tmp_path / f"killed-{resumed_with}", checkpoint_every_steps=3)
+        done = _run(cfg, tmp_path, 2, env=dict(ENV, KDLAB_TEST_KILL_IN_WRITE="checkpoint.pt:4"), expect_ok=False)
+        assert done.returncode != 0 and "SIGKILL" in done.stderr + done.stdout
+        state = torch.load(cfg.run_dir() / "checkpoint.pt", weights_only=True)
+        assert state["step_in_epoch"] == 9 and state["epoch"] == 0 and state["partial"]["seen"] == 9 * 64
+        done = _run(cfg, tmp_path, resumed_with)
+        assert "resuming in epoch 1 after step 9" in done.stdout + done.stderr
+        _close(whole.run_dir(), cfg.run_dir(), exact=resumed_with == 2)
+        assert len(read_metrics(cfg.run_dir())) == 3
+
+
+def test_a_problem_rank_0_finds_stops_every_rank_with_one_line(tmp_path):
+    cfg = _config(tmp_path / "runs")
+    cfg.run_dir().mkdir(parents=True)
+    (cfg.run_dir() / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    done = _run(cfg, tmp_path, 2, expect_ok=False)
+    assert done.returncode != 0
+    assert "kdlab: error:" in done.stderr and "checkpoint.pt" in done.stderr
+    assert "rank 1: rank 0 stopped the run" in done.stderr
+    assert (cfg.run_dir() / "checkpoint.pt.corrupt").is_file()
+    too_small = _config(tmp_path / "runs", optim={"batch_size": 1299})  # 1,300 samples: a last batch of 1
+    done = _run(too_small, tmp_path, 2, expect_ok=False)
+    assert "fewer than the 2 processes" in done.stderr
+    assert not too_small.run_dir().exists()
