@@ -74,7 +74,19 @@ class Scale(_Strict):
     base: dict[str, Any] = Field(default_factory=dict)
     stages: list[Stage]
     cpus_per_run: int = Field(1, ge=1)
-    gpus_per_run: float = Field(0.0, ge=0)
+    gpus_per_run: float = Field(0.0, ge=0, description="Ray executor: GPUs per run; N >= 2 runs each as a "
+                                "torchrun of N processes (DDP) on one node; <= 1 lets runs share GPUs")
+
+    @field_validator("gpus_per_run")
+    @classmethod
+    def _whole_gpus(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"gpus_per_run={value:g}: above 1, a run takes whole GPUs (one process each)")
+        return value
+
+    @property
+    def processes_per_run(self) -> int:
+        return int(self.gpus_per_run) if self.gpus_per_run >= 2 else 1
 
 
 class ReportItem(_Strict):

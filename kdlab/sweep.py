@@ -51,6 +51,31 @@ def _train_config(config_json: dict, threads: int) -> dict:
     return train(Config.model_validate(config_json), progress=False, log=_lock_messages, wait_for_lock=True)
 
 
+def _train_config_processes(config_json: dict, threads: int, processes: int) -> dict:
+    """Ray task entry point of a multi-GPU run: ``torchrun --standalone --nproc_per_node=N
+    -m kdlab train`` on this node, whose GPUs Ray names in CUDA_VISIBLE_DEVICES (rank i on
+    the i-th). The same code path as a run started with torchrun by hand; one node per run."""
+    import subprocess
+    import tempfile
+
+    from .config import Config
+
+    cfg = Config.model_validate(config_json)
+    with tempfile.TemporaryDirectory(prefix="kdlab-run-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(cfg.to_yaml())
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "kdlab", "train", str(path), "--no-progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        ours = [line for line in done.stderr.splitlines() if line.startswith("kdlab: error: ")]
+        tail = [line for line in done.stderr.strip().splitlines()[-3:]]
+        raise RunError(ours[0][len("kdlab: error: "):] if ours else
+                       f"torchrun with {processes} processes exited with {done.returncode}: {' | '.join(tail)}")
+    return read_json(cfg.run_dir() / "result.json")
+
+
 def die_with_parent(parent_pid: int) -> None:
     """End this process when ``parent_pid`` ends, however it ends (SIGKILL included)."""
     if sys.platform.startswith("linux"):
@@ -258,9 +283,24 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
     if started_here:
         kwargs = {"address": address} if address else {"num_cpus": max(workers * scale_spec.cpus_per_run, 1)}
         ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+    processes = scale_spec.processes_per_run
+    if processes > 1:  # N GPUs per run: one torchrun of N processes inside a task that holds them
+        _check_gpus_per_node(ray, scale_spec.gpus_per_run)
+        task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config_processes)
+        return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run, processes)), \
+            (lambda aborted=False: ray.shutdown() if started_here else None)
+    # one process per run; gpus_per_run <= 1 lets several runs share a node's GPUs (or one GPU)
     task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config)
     return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run)), \
         (lambda aborted=False: ray.shutdown() if started_here else None)
+
+
+def _check_gpus_per_node(ray, gpus: float) -> None:
+    """A multi-GPU run needs one node with that many GPUs (torchrun --standalone)."""
+    most = max((node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if most < gpus:
+        raise ConfigError(f"gpus_per_run={gpus:g}: each run is one torchrun on one node, and the largest node of "
+                          f"this Ray cluster has {most:g} GPU(s)")
 
 
 def _as_completed(kind: str, pending: dict):

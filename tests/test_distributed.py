@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from kdlab.config import build_config
+from kdlab.errors import RunError
 from kdlab.runs import read_metrics
 
 TIME_KEYS = {"epoch_time_s", "images_per_s"}
@@ -130,3 +131,20 @@ def test_a_problem_rank_0_finds_stops_every_rank_with_one_line(tmp_path):
     done = _run(too_small, tmp_path, 2, expect_ok=False)
     assert "fewer than the 2 processes" in done.stderr
     assert not too_small.run_dir().exists()
+
+
+def test_the_ray_task_of_a_multi_gpu_run_is_a_torchrun(tmp_path):
+    """What the Ray executor runs for gpus_per_run=N >= 2 (here on CPU, gloo): torchrun
+    with N processes; its result, or its one-line error."""
+    from kdlab.recipes import Scale
+    from kdlab.sweep import _train_config_processes
+
+    cfg = _config(tmp_path / "runs")
+    result = _train_config_processes(cfg.model_dump(mode="json"), 2, 2)
+    assert result["world_size"] == 2 and (cfg.run_dir() / "result.json").is_file()
+    broken = _config(tmp_path / "runs", optim={"batch_size": 1299})
+    with pytest.raises(RunError, match="fewer than the 2 processes"):
+        _train_config_processes(broken.model_dump(mode="json"), 2, 2)
+    assert [Scale(stages=[], gpus_per_run=g).processes_per_run for g in (0, 0.5, 1, 2, 8)] == [1, 1, 1, 2, 8]
+    with pytest.raises(ValueError, match="whole GPUs"):
+        Scale(stages=[], gpus_per_run=1.5)

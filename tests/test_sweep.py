@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from kdlab.cli import main
+from kdlab.errors import ConfigError
 from kdlab.recipes import expand, load_recipe
 from kdlab.report import write_report
 from kdlab.sweep import run_sweep
@@ -102,6 +103,12 @@ def test_ray_executor_on_a_tiny_grid(tiny_recipe, tmp_path):
     assert [r["status"] for r in manifest["runs"]] == ["done"] * 5
     results = [json.loads(p.read_text()) for p in (tmp_path / "ray").glob("*/result.json")]
     assert len(results) == 5 and all(r["final"]["test_acc"] > 0 for r in results)
+    # N GPUs per run = one torchrun of N processes on one node: refused where no node has them
+    data = yaml.safe_load(Path(tiny_recipe).read_text())
+    data["scales"]["quick"]["gpus_per_run"] = 2
+    Path(tiny_recipe).write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"gpus_per_run=2: .* largest node of this Ray cluster has 0 GPU"):
+        run_sweep(load_recipe(tiny_recipe), "quick", tmp_path / "ray2", executor="ray", progress=False, log=_quiet)
 
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
