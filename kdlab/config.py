@@ -212,7 +212,9 @@ class Config(_Strict):
     memory_limit_gb: Optional[float] = Field(
         None, gt=0, description="refuse a run whose big allocations (model and optimizer state, MI probe, teacher "
         "cache) are estimated above this; default 90% of physical memory (of the GPU's for cuda). Not part of the hash")
-    bf16: bool = Field(False, description="bf16 autocast for the model (losses stay float32)")
+    bf16: Optional[bool] = Field(None, description="bf16 autocast for the model (losses stay float32); default "
+                                 "(null = auto): on for CUDA, off on the CPU. Auto hashes as false: like the device, "
+                                 "the precision auto picks is recorded in meta.json and result.json")
     channels_last: bool = False
     eval_batch_size: int = Field(1000, gt=0)
     eval_every: int = Field(1, ge=1, description="evaluate val/test every N epochs (and always after the last)")
@@ -249,6 +251,8 @@ class Config(_Strict):
         for key, off in (("warmup_epochs", 0), ("ema_decay", None)):  # newer than existing run dirs:
             if payload["optim"][key] == off:  # off = the old hash
                 del payload["optim"][key]
+        if payload["bf16"] is None:  # auto: the hash of the old default (false), as the device is not hashed
+            payload["bf16"] = False
         if not payload["sync_batchnorm"]:
             del payload["sync_batchnorm"]
         if payload["model"]["pretrained_path"] is None:

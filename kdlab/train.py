@@ -74,6 +74,11 @@ def resolve_device(name: str, ctx=None) -> torch.device:
     return device
 
 
+def resolve_bf16(cfg: Config, device: torch.device) -> bool:
+    """``bf16: auto`` (the default) is bf16 autocast on CUDA and float32 on the CPU."""
+    return cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -207,12 +212,13 @@ class _MutualInformationProbe:
         self.views = data.augmentation.sample(len(self.index) * mi.views, generator).view(len(self.index), mi.views)
         self.classes, self.data, self.cfg = mi.classes, data, cfg
         self.inputs = self.data.train_x[self.index].repeat_interleave(mi.views, dim=0)
+        self.bf16 = bool(cfg.bf16)  # (train() sets the resolved value)
 
     def __call__(self, model: nn.Module) -> float:
         from .analysis.mutual_information import mutual_information
 
         x = self.data.augmentation.apply(self.inputs, self.views.flatten())
-        logits = predict(model, self.data, x, self.cfg.eval_batch_size, bf16=self.cfg.bf16,
+        logits = predict(model, self.data, x, self.cfg.eval_batch_size, bf16=self.bf16,
                          channels_last=self.cfg.channels_last)
         values = (logits[:, self.classes[0]] - logits[:, self.classes[1]]).view(len(self.index), -1)
         return mutual_information(values.double().numpy())
@@ -338,9 +344,11 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             shapes = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
         load_weights(shapes, Path(cfg.model.pretrained_path), "model.pretrained_path", assign=True)
     _check_teacher_source(cfg, data)
-    _check_processes(cfg, data, ctx)
+    _check_processes(cfg, data, ctx, device)
     check_memory(cfg, data, num_params, device)
     probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps and ctx.main else None
+    if probe is not None:
+        probe.bf16 = resolve_bf16(cfg, device)
 
     run_dir = cfg.run_dir()
     threads_before = torch.get_num_threads()
@@ -412,10 +420,13 @@ def _claim_run_dir(cfg: Config, run_dir: Path, wait_for_lock: bool, log):
     return None, lock, created
 
 
-def _check_processes(cfg: Config, data, ctx) -> None:
-    """Multi-process runs: every rank gets rows of every global batch."""
+def _check_processes(cfg: Config, data, ctx, device: torch.device) -> None:
+    """Multi-process runs: every rank gets rows of every global batch; SyncBatchNorm on GPUs."""
     if not ctx.active:
         return
+    if cfg.sync_batchnorm and device.type != "cuda":
+        raise ConfigError("sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only; this run is on the CPU "
+                          f"({ctx.world} gloo processes): leave it off here")
     n = len(data.train_y)
     last = n % cfg.optim.batch_size or cfg.optim.batch_size
     if min(cfg.optim.batch_size, last) < ctx.world:
@@ -570,6 +581,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                   stop_after_step=None, ctx=SINGLE):
     """The loop, for every rank of a multi-process run (``ctx``); rank 0 alone writes."""
     on_cuda = device.type == "cuda"
+    bf16 = resolve_bf16(cfg, device)
     if on_cuda:  # (torch.manual_seed above seeds the CUDA generators too)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     if ctx.main:
@@ -594,7 +606,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if state is not None:
         _threads_for_resume(cfg, state.get("torch_threads"), log)
     start_epoch = state["epoch"] if state is not None else 0
-    processes = _process_meta(ctx, device)  # (a collective: every rank)
+    processes = {**_process_meta(ctx, device), "bf16": bf16}  # (a collective: every rank)
     if ctx.main:
         if not (run_dir / "config.yaml").exists():
             atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -660,7 +672,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
     cache = store = None
     if use_teacher_in_step and data.streamed and cfg.teacher.store.crops:
-        store = TeacherStore(teachers, data, cfg.teacher.store, Path(cfg.out_dir) / ".teacher-store", log, cfg.bf16,
+        store = TeacherStore(teachers, data, cfg.teacher.store, Path(cfg.out_dir) / ".teacher-store", log, bf16,
                              loss_cfg.tau)
         if ctx.main:  # rank 0 builds (or finds) the store, the others then open it
             store.build(cfg.eval_batch_size, progress)
@@ -673,7 +685,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             if (turn == "main") == ctx.main:
                 try:
                     cache = TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log,
-                                         cfg.bf16)
+                                         bf16)
                 except MemoryError as err:
                     log(f"{err}: running the teacher online instead")
                 if cache is not None and cfg.teacher.cache.mode == "full" and ctx.main:
@@ -736,12 +748,12 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             seen += len(index)
             x = _to_device_layout(data.prepare(raw), cfg.channels_last)
             y = y.to(device, non_blocking=True)
-            with _autocast(cfg.bf16, device.type):
+            with _autocast(bf16, device.type):
                 logits = train_model(x)
             if cache is not None:
                 teacher_logits = cache.lookup(index, views, x)
             else:
-                teacher_logits = teachers(x, cfg.bf16) if use_teacher_in_step else None
+                teacher_logits = teachers(x, bf16) if use_teacher_in_step else None
             loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
             optimizer.zero_grad(set_to_none=True)
             if ctx.active:  # DDP averages gradients over ranks: weigh each rank's mean by its rows
@@ -808,11 +820,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             for split, teacher_logits in (("val", val_teacher), ("test", test_teacher)):
                 y = data.split_labels(split)
                 if len(y):
-                    logits = predict_split(model, data, split, cfg.eval_batch_size, bf16=cfg.bf16,
+                    logits = predict_split(model, data, split, cfg.eval_batch_size, bf16=bf16,
                                            channels_last=cfg.channels_last, ctx=ctx)
                     record.update(_metrics(split, logits, y, teacher_logits))
                     if ema is not None:
-                        logits = predict_split(ema.module, data, split, cfg.eval_batch_size, bf16=cfg.bf16,
+                        logits = predict_split(ema.module, data, split, cfg.eval_batch_size, bf16=bf16,
                                                channels_last=cfg.channels_last, ctx=ctx)
                         record.update({f"ema_{k}": v for k, v in _metrics(split, logits, y, teacher_logits).items()})
         if ctx.main:
@@ -842,7 +854,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         y = data.split_labels(split)
         if data.streamed and split == "train" and len(y) > STREAMED_TRAIN_EVAL_MAX:
             continue  # ImageNet-size: 1.28M × 2048 features; analyses use val/test
-        logits, features = predict_split(model, data, split, cfg.eval_batch_size, features=True, bf16=cfg.bf16,
+        logits, features = predict_split(model, data, split, cfg.eval_batch_size, features=True, bf16=bf16,
                                          channels_last=cfg.channels_last, ctx=ctx)
         # train: unaugmented, with the (possibly noisy) training labels; features in fp16 to keep it small
         arrays = {"logits": logits.numpy(), "labels": y.numpy(),

@@ -97,6 +97,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     result = json.loads((run_dir / "result.json").read_text())
     meta = json.loads((run_dir / "meta.json").read_text())
     assert result["world_size"] == meta["world_size"] == 2 and result["backend"] == "gloo"
+    assert one.bf16 is None and result["bf16"] is False  # bf16 auto: float32 on the CPU (bf16 on CUDA)
+    assert one.run_hash() == _config(tmp_path, bf16=False).run_hash() != _config(tmp_path, bf16=True).run_hash()
     assert meta["devices"] == ["cpu (1 threads)"] * 2
 
 
@@ -131,6 +133,10 @@ def test_a_problem_rank_0_finds_stops_every_rank_with_one_line(tmp_path):
     done = _run(too_small, tmp_path, 2, expect_ok=False)
     assert "fewer than the 2 processes" in done.stderr
     assert not too_small.run_dir().exists()
+    sync = _config(tmp_path / "runs", sync_batchnorm=True, model={"name": "wrn-10-1"})
+    done = _run(sync, tmp_path, 2, expect_ok=False)
+    assert "sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only" in done.stderr
+    assert not sync.run_dir().exists()
 
 
 def test_the_ray_task_of_a_multi_gpu_run_is_a_torchrun(tmp_path):
