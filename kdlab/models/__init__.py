@@ -63,6 +63,8 @@ def check_model(name: str, num_classes: int, input_shape: Sequence[int]) -> int:
             model = build_model(name, num_classes, input_shape=input_shape)
     except ValueError as err:
         raise ValueError(str(err).splitlines()[0]) from None
+    if hasattr(model, "beam_search"):
+        raise ValueError(f"{name} is a translation model (source and target token sequences), not a classifier")
     try:
         with torch.device("meta"), torch.no_grad():
             out = model(torch.empty((2,) + input_shape))
@@ -91,4 +93,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from . import alexnet, cnn1d, mlp, resnet, timm_family, wrn  # noqa: E402,F401  (registers the families)
+from . import alexnet, cnn1d, mlp, resnet, timm_family, transformer, wrn  # noqa: E402,F401  (registers the families)
