@@ -144,3 +144,41 @@ def test_ci_installs_the_packages_of_the_pinned_catalogues():
     script = (Path(__file__).parents[1] / ".ci" / "run").read_text()
     for name, package in PINNED_CATALOGUES.items():
         assert f"{name}:{package}" in script, f"{name}:{package} missing from .ci/run"
+
+
+def test_token_batches_respect_the_budget_and_the_generator():
+    import random
+
+    import torch
+
+    from kdlab.data.text import token_batches
+
+    rng = random.Random(0)
+    src = [rng.randint(1, 40) for _ in range(500)]
+    tgt = [rng.randint(1, 40) for _ in range(500)]
+    batches = token_batches(src, tgt, 256, torch.Generator().manual_seed(3))
+    assert sorted(i for b in batches for i in b) == list(range(500))  # every sentence once
+    assert all(len(b) * max(max(src[i], tgt[i]) for i in b) <= 256 for b in batches)
+    assert batches == token_batches(src, tgt, 256, torch.Generator().manual_seed(3))
+    assert batches != token_batches(src, tgt, 256, torch.Generator().manual_seed(4))
+    in_order = token_batches(src, tgt, 256)  # evaluation: sorted by length, no shuffle
+    assert sorted(map(tuple, in_order)) == sorted(map(tuple, batches))
+    padded = sum(len(b) * max(tgt[i] for i in b) for b in in_order)
+    assert padded < 1.2 * sum(tgt)  # sorted batches pad little
+    with pytest.raises(DataError, match="data.max_tokens=30: a sentence has 40 tokens"):
+        token_batches([40], [3], 30)
+
+
+def test_bleu_is_sacrebleus_uncased_corpus_bleu():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from kdlab.data.text import corpus_bleu
+
+    hypotheses = ["Die Datei wurde nicht gefunden .", "Das ist ein kleiner Test", "kein Treffer hier"]
+    references = ["die Datei wurde nicht gefunden.", "Das ist nur ein kleiner Test", "alles anders"]
+    score, signature = corpus_bleu(hypotheses, references)
+    assert score == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references], lowercase=True).score)
+    assert score > sacrebleu.corpus_bleu(hypotheses, [references]).score  # casing counts when cased
+    assert "case:lc" in signature and "tok:13a" in signature
+    assert corpus_bleu(references, references)[0] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="3 hypotheses for 2 references"):
+        corpus_bleu(hypotheses, references[:2])

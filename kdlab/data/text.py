@@ -239,3 +239,53 @@ def tokenizer(corpus: Corpus, vocab_size: int, directory: Path | None = None, lo
                 os.replace(f"{tmp}.vocab", directory / f"spm-{key}.vocab")
                 os.replace(f"{tmp}.model", model)  # last: the model file's presence means complete
     return spm.SentencePieceProcessor(model_file=str(model))
+
+
+# --- token batches -----------------------------------------------------------------------
+
+def token_batches(src_lengths, tgt_lengths, max_tokens: int, generator=None) -> list[list[int]]:
+    """Batches of sentence indices under a token budget (tensor2tensor / fairseq style):
+    sentences sorted by (target, source) length so a batch pads little, cut so that
+    batch size × its longest side ≤ ``max_tokens``; the batch order is shuffled by
+    ``generator`` (a torch.Generator; None keeps the sorted order, for evaluation), and
+    ties in length are broken by index, so the batches are a function of the lengths,
+    the budget and the generator's state."""
+    import torch
+
+    n = len(src_lengths)
+    if n != len(tgt_lengths):
+        raise ValueError("src_lengths and tgt_lengths differ in length")
+    longest = max((max(s, t) for s, t in zip(src_lengths, tgt_lengths)), default=0)
+    if longest > max_tokens:
+        raise DataError(f"data.max_tokens={max_tokens}: a sentence has {longest} tokens; raise the budget or lower "
+                        "data.max_words")
+    order = sorted(range(n), key=lambda i: (tgt_lengths[i], src_lengths[i], i))
+    batches, current, width = [], [], 0
+    for i in order:
+        side = max(src_lengths[i], tgt_lengths[i])
+        if current and max(width, side) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, width = [], 0
+        current.append(i)
+        width = max(width, side)
+    if current:
+        batches.append(current)
+    if generator is not None:
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+# --- BLEU ----------------------------------------------------------------------------------
+
+def corpus_bleu(hypotheses: list[str], references: list[str], lowercase: bool = True) -> tuple[float, str]:
+    """(BLEU, sacrebleu's signature) of detokenized sentences: one reference each,
+    uncased by default as Müller reports it, sacrebleu's standard 13a tokenization."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise DataError("BLEU needs sacrebleu: pip install 'kdlab[text]'") from None
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    metric = sacrebleu.metrics.BLEU(lowercase=lowercase)
+    score = metric.corpus_score(hypotheses, [references])
+    return score.score, str(metric.get_signature())
