@@ -48,9 +48,6 @@ class Context:
     def active(self) -> bool:
         return self.world > 1
 
-    def describe(self) -> dict:
-        return {"world_size": self.world, "backend": self.backend}
-
     # collectives (no-ops in one process) ---------------------------------------------
 
     def barrier(self) -> None:

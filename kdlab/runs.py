@@ -304,11 +304,10 @@ def read_state_dict(path: Path, what: str) -> dict:
     return state
 
 
-def load_weights(model, path: Path, what: str, assign: bool = False) -> str | None:
-    """Load a plain weights file into ``model`` (strictly: every key, every shape) and
-    return the file's SHA-256. A timm model takes timm's / torchvision's own keys or a
-    kdlab ``model.pt`` (keys under ``net.``). ``assign=True`` (a model on the meta device)
-    checks keys and shapes only and returns None."""
+def load_weights(model, path: Path, what: str, assign: bool = False) -> None:
+    """Load a plain weights file into ``model`` (strictly: every key, every shape). A timm
+    model takes timm's / torchvision's own keys or a kdlab ``model.pt`` (keys under
+    ``net.``). ``assign=True`` (a model on the meta device) checks keys and shapes only."""
     state = read_state_dict(path, what)
     target = model
     if hasattr(model, "net") and not any(k.startswith("net.") for k in state):
@@ -319,7 +318,6 @@ def load_weights(model, path: Path, what: str, assign: bool = False) -> str | No
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = " ".join(lines[1:3] if len(lines) > 1 else lines)[:300]
         raise RunError(f"{what}: {path} does not fit the model ({reason})") from None
-    return None if assign else file_sha256(path)
 
 
 def load_weights_model(name: str, path: Path, num_classes: int, input_shape, what: str):

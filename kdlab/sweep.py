@@ -70,7 +70,7 @@ def _train_config_processes(config_json: dict, threads: int, processes: int) -> 
         done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         ours = [line for line in done.stderr.splitlines() if line.startswith("kdlab: error: ")]
-        tail = [line for line in done.stderr.strip().splitlines()[-3:]]
+        tail = done.stderr.strip().splitlines()[-3:]
         raise RunError(ours[0][len("kdlab: error: "):] if ours else
                        f"torchrun with {processes} processes exited with {done.returncode}: {' | '.join(tail)}")
     return read_json(cfg.run_dir() / "result.json")

@@ -129,10 +129,8 @@ def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 
 def predict_split(model: nn.Module, data, split: str, batch_size: int = 1000, ctx=None, **kwargs):
     """``predict_batches`` on a split under its evaluation view (in memory or streamed;
     sharded over the ranks of a multi-process ``ctx``)."""
-    if ctx is not None and ctx.active:
-        batches = data.eval_batches(split, batch_size, _model_device(model), ctx=ctx)
-        return predict_batches(model, data, batches, ctx=ctx, **kwargs)
-    return predict_batches(model, data, data.eval_batches(split, batch_size, _model_device(model)), **kwargs)
+    return predict_batches(model, data, data.eval_batches(split, batch_size, _model_device(model), ctx=ctx), ctx=ctx,
+                           **kwargs)
 
 
 def _metrics(prefix: str, logits: torch.Tensor, labels: torch.Tensor, teacher_logits=None) -> dict:
@@ -199,7 +197,7 @@ class _MutualInformationProbe:
     views; Y = z_a − z_b of the network being trained, in eval mode. Its own generator,
     so the training data order is the same with the probe on or off."""
 
-    def __init__(self, cfg: Config, data: Dataset):
+    def __init__(self, cfg: Config, data: Dataset, bf16: bool):
         mi = cfg.mutual_information
         generator = torch.Generator().manual_seed(mi.seed)
         chosen = []
@@ -212,7 +210,7 @@ class _MutualInformationProbe:
         self.views = data.augmentation.sample(len(self.index) * mi.views, generator).view(len(self.index), mi.views)
         self.classes, self.data, self.cfg = mi.classes, data, cfg
         self.inputs = self.data.train_x[self.index].repeat_interleave(mi.views, dim=0)
-        self.bf16 = bool(cfg.bf16)  # (train() sets the resolved value)
+        self.bf16 = bf16
 
     def __call__(self, model: nn.Module) -> float:
         from .analysis.mutual_information import mutual_information
@@ -346,9 +344,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     _check_teacher_source(cfg, data)
     _check_processes(cfg, data, ctx, device)
     check_memory(cfg, data, num_params, device)
-    probe = _MutualInformationProbe(cfg, data) if cfg.mutual_information.every_steps and ctx.main else None
-    if probe is not None:
-        probe.bf16 = resolve_bf16(cfg, device)
+    probe = _MutualInformationProbe(cfg, data, resolve_bf16(cfg, device)) \
+        if cfg.mutual_information.every_steps and ctx.main else None
 
     run_dir = cfg.run_dir()
     threads_before = torch.get_num_threads()
@@ -487,7 +484,7 @@ def _threads_for_resume(cfg: Config, recorded: int | None, log) -> None:
         "set threads=N to override)")
 
 
-def _write_meta(run_dir: Path, device: torch.device, start_epoch: int, **extra) -> None:
+def _write_meta(run_dir: Path, device: torch.device, start_epoch: int, weight_files=(), **extra) -> None:
     """meta.json: this start's environment, and every start's (a resumed run's history)."""
     path = run_dir / "meta.json"
     previous = {}
@@ -498,14 +495,13 @@ def _write_meta(run_dir: Path, device: torch.device, start_epoch: int, **extra) 
             previous = {}
     start = {**run_meta(), "device": describe_device(device), "device_type": device.type, "pid": os.getpid(),
              "start_epoch": start_epoch, **extra}
-    starts = [s for s in previous.get("starts", []) if isinstance(s, dict)]
-    if extra and starts and starts[-1].get("pid") == start["pid"] and starts[-1].get("start_epoch") == start_epoch:
-        starts.pop()  # this start's entry, completed
-    starts.append(start)
+    if weight_files:  # plain weights files read by this start: path and SHA-256
+        start["weight_files"] = list(weight_files)
+    starts = [s for s in previous.get("starts", []) if isinstance(s, dict)] + [start]
     atomic_write_json(path, {**start, "starts": starts})
 
 
-def _tensorboard_writer(cfg: Config, run_dir: Path, purge_step: int, log):
+def _tensorboard_writer(cfg: Config, run_dir: Path, purge_step: int):
     """A SummaryWriter on RUN_DIR/tensorboard, or None (off, or the package missing).
     ``purge_step``: a resumed run's TensorBoard drops what the killed process logged after
     the checkpoint it resumes from."""
@@ -610,7 +606,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if ctx.main:
         if not (run_dir / "config.yaml").exists():
             atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        _write_meta(run_dir, device, start_epoch, **processes)
+        weight_files = list(teachers.weight_files) if teachers is not None else []
+        if cfg.model.pretrained_path:
+            path = Path(cfg.model.pretrained_path)
+            weight_files.insert(0, {"model.pretrained_path": str(path.resolve()), "sha256": file_sha256(path)})
+        _write_meta(run_dir, device, start_epoch, weight_files, **processes)
     log(f"{run_dir}: training on {describe_device(device)}"
         + (f" × {ctx.world} processes ({ctx.backend})" if ctx.active else ""))
     if len(data.noisy_indices) and ctx.main:
@@ -618,13 +618,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                         clean_labels=data.clean_train_y.numpy(), noisy_labels=data.train_y.numpy())
 
     model = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
-    weight_files = list(teachers.weight_files) if teachers is not None else []
     if cfg.model.pretrained_path:
-        digest = load_weights(model, Path(cfg.model.pretrained_path), "model.pretrained_path")
-        weight_files.insert(0, {"model.pretrained_path": str(Path(cfg.model.pretrained_path).resolve()),
-                                "sha256": digest})
-    if weight_files and ctx.main:
-        _write_meta(run_dir, device, start_epoch, weight_files=weight_files, **processes)
+        load_weights(model, Path(cfg.model.pretrained_path), "model.pretrained_path")
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -640,6 +635,10 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     ema = _make_ema(model, opt_cfg.ema_decay) if opt_cfg.ema_decay else None
     if state is not None:
         _restore(state, checkpoint_path, model, optimizer, scheduler, generator, device, ema)
+        if state.get("step_in_epoch"):
+            log(f"{run_dir}: resuming in epoch {start_epoch + 1} after step {state['step_in_epoch']}")
+        else:
+            log(f"{run_dir}: resuming after epoch {start_epoch}")
     # DDP wraps the student only (teachers stay frozen and unwrapped); `model` is the module
     # itself for evaluation, EMA and saving
     train_model = model
@@ -647,11 +646,6 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
-    if state is not None:
-        if state.get("step_in_epoch"):
-            log(f"{run_dir}: resuming in epoch {start_epoch + 1} after step {state['step_in_epoch']}")
-        else:
-            log(f"{run_dir}: resuming after epoch {start_epoch}")
     resume_step = state.get("step_in_epoch", 0) if state is not None else 0
     metrics_path = run_dir / "metrics.jsonl"
     previous = []
@@ -681,28 +675,32 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             store.build(cfg.eval_batch_size, False)
         cache = store  # looked up by (image, crop number): the same call as the exact table
     if use_teacher_in_step and cfg.teacher.cache.mode != "off" and not data.streamed:
-        for turn in ("main", "others"):  # rank 0 reads, builds and saves the table; the others then read it
-            if (turn == "main") == ctx.main:
-                try:
-                    cache = TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log,
-                                         bf16)
-                except MemoryError as err:
-                    log(f"{err}: running the teacher online instead")
-                if cache is not None and cfg.teacher.cache.mode == "full" and ctx.main:
-                    cache.build(cfg.eval_batch_size, progress)
-            if turn == "main":
-                ctx.barrier()
+        def open_cache():
+            try:
+                return TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log, bf16)
+            except MemoryError as err:
+                log(f"{err}: running the teacher online instead")
+                return None
+
+        if ctx.main:  # rank 0 reads, builds and saves the table; the others then read it
+            cache = open_cache()
+            if cache is not None and cfg.teacher.cache.mode == "full":
+                cache.build(cfg.eval_batch_size, progress)
+        ctx.barrier()
+        if not ctx.main:
+            cache = open_cache()
     loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
     warmup_steps = opt_cfg.warmup_epochs * steps_per_epoch
-    writer = _tensorboard_writer(cfg, run_dir, resumed_at + 1, log) if ctx.main else None
+    writer = _tensorboard_writer(cfg, run_dir, resumed_at + 1) if ctx.main else None
     every_steps, every_s = _checkpoint_cadence(cfg, data)
     last_saved = time.monotonic()
     if writer is not None:
         closers.append(writer)
     params = list(model.parameters())
     n_train, batch_size = len(data.train_y), opt_cfg.batch_size
+    can_skip = data.streamed and cfg.data.on_bad_image == "skip"  # batches may lose unreadable images
     done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
     train_time = sum(m["epoch_time_s"] for m in done_epochs)
 
@@ -734,9 +732,9 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         # the data order and each sample's view come from the checkpointed generator (drawn
         # on the CPU); in-memory data is augmented on the device, streamed data by the loader.
         # A resumed epoch draws the batches done again (cheap: numbers only) and skips them.
-        shard_of = {"ctx": ctx} if ctx.active else {}  # each rank: its slice of every global batch
-        batches = data.epoch_batches(generator, batch_size, device, store, start_batch=first, **shard_of) if store \
-            else data.epoch_batches(generator, batch_size, device, start_batch=first, **shard_of)
+        where = {"start_batch": first, "ctx": ctx}  # (each rank: its slice of every global batch)
+        batches = data.epoch_batches(generator, batch_size, device, store, **where) if store \
+            else data.epoch_batches(generator, batch_size, device, **where)
         for step_in_epoch, (raw, y, index, views, bad) in enumerate(batches, start=first):
             skipped += bad
             if raw is None:  # every image of the batch unreadable (data.on_bad_image=skip)
@@ -757,9 +755,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
             optimizer.zero_grad(set_to_none=True)
             if ctx.active:  # DDP averages gradients over ranks: weigh each rank's mean by its rows
-                rows = torch.tensor(float(len(index)), device=device)
-                total = ctx.all_reduce_(rows.clone())
-                (loss * (rows * ctx.world / total)).backward()
+                if can_skip:  # rows kept over all ranks: only a collective knows
+                    rows = ctx.all_reduce_(torch.tensor(float(len(index)), device=device))
+                else:
+                    rows = min(batch_size, n_train - step_in_epoch * batch_size)
+                (loss * (len(index) * ctx.world / rows)).backward()
             else:
                 loss.backward()
             if opt_cfg.grad_clip is not None:

@@ -72,6 +72,17 @@ def write_cifar_batch(path: Path, data, labels, key: bytes = b"fine_labels") -> 
         pickle.dump({b"data": data, key: labels, b"batch_label": b"x"}, handle, protocol=2)
 
 
+def config_with(base: dict, **extra):
+    """A validated Config: ``base`` with ``extra`` keys on top (a dict value updates that
+    section, anything else replaces the key) — the tests' way to vary a run."""
+    from kdlab.config import build_config
+
+    data = dict(base)
+    for key, value in extra.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(data)
+
+
 def write_image_folder(root: Path, train_per_class: int = 12, val_per_class: int = 4, classes: int = 4,
                        size: int = 24, seed: int = 0) -> Path:
     """ImageNet's layout (root/train/<class>/*, root/val/<class>/*) of real images:

@@ -8,7 +8,6 @@ losses, metrics and weights must agree to float rounding.
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.config import build_config
+from conftest import config_with
 from kdlab.errors import RunError
 from kdlab.runs import read_metrics
 
@@ -32,9 +31,7 @@ def _config(out_dir, **extra):
             "data": {"name": "digits", "val_size": 200, "augment": "shift2"},
             "model": {"name": "mlp-64"},
             "optim": {"epochs": 3, "batch_size": 64, "lr": 0.05, "schedule": "cosine", "ema_decay": 0.9}}
-    for key, value in extra.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(data)
+    return config_with(data, **extra)
 
 
 def _free_port() -> int:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.config import build_config
+from conftest import config_with
 from kdlab.runs import read_metrics
 from kdlab.train import train
 
@@ -16,9 +16,7 @@ QUIET = {"progress": False, "log": lambda *a: None}
 def _digits(out_dir, **extra):
     base = {"out_dir": str(out_dir), "threads": 1, "data": {"name": "digits", "val_size": 200, "augment": "shift2"},
             "model": {"name": "wrn-10-1"}, "optim": {"epochs": 4, "batch_size": 128, "lr": 0.05, "milestones": [3]}}
-    for key, value in extra.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(base)
+    return config_with(base, **extra)
 
 
 def _metrics(run_dir):

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from kdlab.config import build_config
+from conftest import config_with
 from kdlab.runs import read_metrics
 from kdlab.train import train
 
@@ -36,9 +36,7 @@ def _config(out_dir, **extra):
             "data": {"name": "digits", "val_size": 200, "augment": "shift2"},
             "model": {"name": "mlp-128-128"},
             "optim": {"epochs": 8, "batch_size": 32, "lr": 0.05, "schedule": "cosine"}}
-    for key, value in extra.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(data)
+    return config_with(data, **extra)
 
 
 def _write(cfg, path: Path) -> Path:

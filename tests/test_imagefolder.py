@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_image_folder
+from conftest import config_with, write_image_folder
 from kdlab.cli import main
 from kdlab.config import build_config
 from kdlab.data import load_dataset
@@ -37,9 +37,7 @@ def _config(root, out_dir, workers=2, **extra):
             "data": {"name": "imagefolder", "root": str(root), "image_size": 16, "val_size": 12,
                      "loader_workers": workers},
             "model": {"name": "mlp-32"}, "optim": {"epochs": 4, "batch_size": 8, "lr": 0.02, "schedule": "cosine"}}
-    for key, value in extra.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(data)
+    return config_with(data, **extra)
 
 
 def test_crop_boxes_follow_random_resized_crop():

@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 
 from kdlab.cli import main
-from kdlab.config import build_config
 from kdlab.errors import ConfigError
 from kdlab.recipes import (CONFIG_DIR, RECIPE_DIR, Recipe, example_config_path, expand, list_example_configs,
                            list_recipes, load_recipe, resolve_config_path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_image_folder
+from conftest import config_with, write_image_folder
 from kdlab.config import build_config
 from kdlab.runs import read_metrics
 from kdlab.train import train
@@ -29,9 +29,7 @@ def _digits(out_dir, **extra):
             "optim": {"epochs": 3, "batch_size": 128, "lr": 0.05, "schedule": "cosine", "warmup_epochs": 1,
                       "ema_decay": 0.8},
             "mutual_information": {"every_steps": 4, "classes": [0, 1], "per_class": 20, "views": 3}}
-    for key, value in extra.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(base)
+    return config_with(base, **extra)
 
 
 def _same_run(a: Path, b: Path) -> None:

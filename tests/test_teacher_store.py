@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_image_folder
+from conftest import config_with, write_image_folder
 from kdlab.config import TeacherConfig, TeacherStoreConfig, build_config
 from kdlab.data import load_dataset
 from kdlab.losses import distillation_loss
@@ -23,9 +23,7 @@ def _config(root, out_dir, **extra):
     data = {"out_dir": str(out_dir), "threads": 1,
             "data": {"name": "imagefolder", "root": str(root), "image_size": 16, "val_size": 8, "loader_workers": 0},
             "model": {"name": "mlp-32"}, "optim": {"epochs": 3, "batch_size": 8, "lr": 0.02, "schedule": "cosine"}}
-    for key, value in extra.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(data)
+    return config_with(data, **extra)
 
 
 @pytest.fixture(scope="module")

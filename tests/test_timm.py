@@ -8,6 +8,7 @@ venv (``make test-timm``, which CI runs) and are skipped in the main one.
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,7 +82,7 @@ def test_torchvision_checkpoint_teaches_as_a_plain_weights_file(folder, tmp_path
             return (self.net(x), x.flatten(1)) if return_features else self.net(x)
 
     expected = predict_split(Torchvision(), data, "test", 16)
-    stored = torch.from_numpy(__import__("numpy").load(run_dir / "eval_test.npz")["teacher_logits"])
+    stored = torch.from_numpy(np.load(run_dir / "eval_test.npz")["teacher_logits"])
     torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
     meta = json.loads((run_dir / "meta.json").read_text())
     (entry,) = meta["weight_files"]
@@ -92,7 +93,7 @@ def test_torchvision_checkpoint_teaches_as_a_plain_weights_file(folder, tmp_path
     assert report["projection"]["classes"] == [0, 1, 2]
 
     # a student initialised from a plain file: the same first-layer weights (lr ~ 0)
-    init = build_config({**json.loads(json.dumps(cfg.model_dump(mode="json"))), "teacher": None,
+    init = build_config({**cfg.model_dump(mode="json"), "teacher": None,
                          "loss": {"alpha": 0.0}, "optim": {"epochs": 1, "batch_size": 8, "lr": 1e-12,
                                                            "schedule": "constant"},
                          "model": {"name": "timm:resnet18", "pretrained_path": str(weights)}})

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import config_with
 from kdlab.cli import main
 from kdlab.config import build_config
 from kdlab.errors import ConfigError, RunError
@@ -21,9 +22,7 @@ TIME_KEYS = {"epoch_time_s", "images_per_s"}
 def _digits(out_dir, **extra):
     base = {"out_dir": str(out_dir), "data": {"name": "digits", "val_size": 200, "augment": "none"},
             "model": {"name": "mlp-64"}, "optim": {"epochs": 4, "batch_size": 64, "lr": 0.05, "milestones": [2]}}
-    for key, value in extra.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(base)
+    return config_with(base, **extra)
 
 
 @pytest.fixture(scope="module")

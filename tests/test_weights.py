@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.config import build_config
+from conftest import config_with
 from kdlab.errors import ConfigError, RunError
 from kdlab.runs import read_metrics
 from kdlab.train import train
@@ -21,9 +21,7 @@ QUIET = {"progress": False, "log": lambda *a: None}
 def _digits(out_dir, **extra):
     base = {"out_dir": str(out_dir), "threads": 1, "data": {"name": "digits", "val_size": 200, "augment": "none"},
             "model": {"name": "mlp-64"}, "optim": {"epochs": 3, "batch_size": 64, "lr": 0.05, "milestones": [2]}}
-    for key, value in extra.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return build_config(base)
+    return config_with(base, **extra)
 
 
 @pytest.fixture(scope="module")
