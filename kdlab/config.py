@@ -28,10 +28,13 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    name: Literal["digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder"] = Field(
-        "mnist1d", description="dataset: built in (digits, mnist1d), read from data.root into memory, or "
-        "imagefolder (root/train/<class>/*, root/val/<class>/*; JPEG/PNG streamed from disk)")
-    root: Optional[str] = Field(None, description="directory of the dataset files (IDX or CIFAR pickles)")
+    name: Literal["digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder",
+                  "translation"] = Field(
+        "mnist1d", description="dataset: built in (digits, mnist1d), read from data.root into memory, "
+        "imagefolder (root/train/<class>/*, root/val/<class>/*; JPEG/PNG streamed from disk), or translation "
+        "(En->De sentence pairs: data.root = builtin:de-catalogues or a folder of train/valid/test .en/.de or .tsv)")
+    root: Optional[str] = Field(None, description="directory of the dataset files (IDX or CIFAR pickles, image "
+                                "folders, parallel text); translation: default builtin:de-catalogues")
     val_size: Optional[int] = Field(
         None, ge=0, description="training examples held out for validation; default 10k for MNIST/CIFAR "
         "(both papers), 10% of the training set for digits and MNIST-1D")
@@ -56,6 +59,19 @@ class DataConfig(_Strict):
     on_bad_image: Literal["error", "skip"] = Field("error", description="imagefolder: an unreadable image is an "
                                                    "error naming it, or left out of its batch and counted")
 
+    # translation only; in the run hash only for translation
+    vocab_size: int = Field(8000, ge=16, le=1_000_000, description="translation: pieces of the joint sentencepiece "
+                            "model (Müller/t2t: 32k; cached by corpus hash)")
+    max_tokens: int = Field(4096, gt=0, description="translation: token budget of a training batch (sentences × "
+                            "their longest side, padding included); eval batches use 4× this")
+    min_words: Optional[int] = Field(None, ge=1, description="translation: keep pairs with at least this many words "
+                                     "on both sides (default 3 for the built-in corpus, 1 for folders)")
+    max_words: Optional[int] = Field(None, ge=1, description="translation: ... and at most this many (default 40 "
+                                     "built in, 250 for folders)")
+    calibration_tokens: int = Field(10000, gt=0, description="translation: validation target tokens (in corpus "
+                                    "order, EOS included, teacher-forced) for token calibration and Fig. 7 "
+                                    "(Müller: ~10k)")
+
     @field_validator("crop_scale", "crop_ratio")
     @classmethod
     def _range(cls, pair):
@@ -65,6 +81,7 @@ class DataConfig(_Strict):
 
 
 _DATA_KEYS_HASHED_OFF_DEFAULT = ("image_size", "eval_resize", "crop_scale", "crop_ratio", "on_bad_image")
+_TRANSLATION_DATA_KEYS = ("vocab_size", "max_tokens", "min_words", "max_words", "calibration_tokens")
 
 
 def _check_model_name(name: str) -> str:
@@ -92,6 +109,10 @@ class ModelConfig(_Strict):
 
 
 class OptimConfig(_Strict):
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd (momentum, nesterov) or adam (betas, eps; "
+                                              "Vaswani et al. / tensor2tensor for translation)")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="adam: (β1, β2); t2t's transformer_base: β2 0.997")
+    eps: float = Field(1e-9, gt=0, description="adam: ε")
     epochs: int = Field(200, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.1, gt=0)
@@ -99,18 +120,33 @@ class OptimConfig(_Strict):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     decay_bn_bias: bool = Field(False, description="apply weight decay to BN parameters and biases too")
-    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    schedule: Literal["multistep", "cosine", "constant", "inverse_sqrt"] = Field(
+        "multistep", description="per-epoch multistep/cosine/constant, or inverse_sqrt per step (Vaswani et al.: "
+        "lr · min(step/warm-up, sqrt(warm-up/step)), peak lr at optim.warmup_steps)")
     milestones: list[int] = Field([100, 150], description="multistep: epochs where lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0)
     grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm")
     warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up from lr/steps to lr, step by step, over the "
                                "first N epochs (large batches, e.g. Müller A.4's 4096); the schedule runs as usual")
+    warmup_steps: Optional[int] = Field(None, gt=0, description="linear warm-up over N steps instead of "
+                                        "warmup_epochs (required by schedule=inverse_sqrt; t2t: 8000)")
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
                                        "weights and buffers, updated every step (Müller A.4: 0.9999); evaluated "
                                        "beside the raw weights (ema_* metrics) and saved as model_ema.pt")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, pair):
+        if not all(0 <= b < 1 for b in pair):
+            raise ValueError(f"adam betas must be in [0, 1), got {list(pair)}")
+        return pair
+
     @model_validator(mode="after")
     def _warmup_within_training(self):
+        if self.schedule == "inverse_sqrt" and self.warmup_steps is None:
+            raise ValueError("schedule=inverse_sqrt needs optim.warmup_steps (the step of the peak lr)")
+        if self.warmup_steps is not None and self.warmup_epochs:
+            raise ValueError("set optim.warmup_steps or optim.warmup_epochs, not both")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} is longer than the {self.epochs} epochs of training")
         return self
@@ -193,6 +229,14 @@ class MutualInformationConfig(_Strict):
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the example and view choice")
 
 
+class DecodeConfig(_Strict):
+    beam: int = Field(4, ge=0, description="translation: beam width of the final test-set BLEU (t2t: 4); 0 = greedy "
+                      "only (greedy BLEU is always reported)")
+    alpha: float = Field(0.6, ge=0, description="translation: GNMT length penalty ((5 + |y|) / 6)^α (t2t: 0.6)")
+    extra_length: int = Field(50, ge=1, description="translation: decode at most source length + this many tokens "
+                              "(t2t: 50)")
+
+
 class Config(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.+-]+$", description="prefix of the run dir name")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the model's initialisation and the data order")
@@ -203,6 +247,7 @@ class Config(_Strict):
     loss: LossConfig = LossConfig()
     teacher: Optional[TeacherConfig] = None
     mutual_information: MutualInformationConfig = MutualInformationConfig()
+    decode: DecodeConfig = Field(DecodeConfig(), description="translation: decoding for BLEU")
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
                         description="auto (cuda when available, else cpu), cpu, cuda or cuda:N; not part of the hash")
     threads: Optional[int] = Field(
@@ -235,6 +280,27 @@ class Config(_Strict):
             raise ValueError("loss.alpha > 0 needs a teacher section (teacher.runs)")
         return self
 
+    @model_validator(mode="after")
+    def _translation(self):
+        """What translation (token sequences) cannot take, named before anything runs."""
+        translation = self.data.name == "translation"
+        if translation != self.model.name.startswith("transformer-"):
+            raise ValueError(f"data.name=translation takes a transformer-* model (e.g. transformer-base), not "
+                             f"{self.model.name}" if translation else f"model.name: {self.model.name} is a "
+                             f"translation model: it needs data.name=translation, not {self.data.name}")
+        if not translation:
+            return self
+        if self.data.label_noise:
+            raise ValueError("data.label_noise: label noise is for classification data, not translation")
+        if self.mutual_information.every_steps:
+            raise ValueError("mutual_information.every_steps: the MI probe is for image classification")
+        if self.teacher is not None and (self.teacher.cache.mode != "off" or self.teacher.store.crops):
+            raise ValueError("teacher.cache / teacher.store: translation runs its teacher online (token logits of "
+                             "the same batch; no (sample, view) table)")
+        if self.channels_last:
+            raise ValueError("channels_last: is for image models")
+        return self
+
     def run_hash(self) -> str:
         """8 hex digits of the SHA-256 of the resolved config; out_dir and the teachers'
         parent directories excluded, so a tree of runs can be moved, and the device and
@@ -248,6 +314,15 @@ class Config(_Strict):
             if payload["data"][key] == defaults[key]:
                 del payload["data"][key]
         del payload["data"]["loader_workers"]
+        if self.data.name != "translation":  # newer than existing run dirs, and meaningless for images
+            for key in _TRANSLATION_DATA_KEYS:
+                del payload["data"][key]
+            del payload["decode"]
+        if self.optim.optimizer == "sgd":
+            for key in ("optimizer", "betas", "eps"):
+                del payload["optim"][key]
+        if self.optim.warmup_steps is None:
+            del payload["optim"]["warmup_steps"]
         for key, off in (("warmup_epochs", 0), ("ema_decay", None)):  # newer than existing run dirs:
             if payload["optim"][key] == off:  # off = the old hash
                 del payload["optim"][key]

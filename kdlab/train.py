@@ -40,6 +40,7 @@ from .runs import (
     RunLock,
     atomic_save_npz,
     atomic_torch_save,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     check_writable_dir,
@@ -178,18 +179,44 @@ class _Teachers:
         if channels_last:  # the same layout as the student's batches: no conversion per step
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         self.device, self.channels_last = device, channels_last
+        self.tokens = getattr(data, "tokens", False)
+        if self.tokens:
+            _check_translation_teachers(teacher_cfg, data)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, bf16: bool) -> torch.Tensor:
-        """Float32 logits on the teachers' device of a prepared batch (moved there if needed)."""
+    def __call__(self, x, bf16: bool) -> torch.Tensor:
+        """Float32 logits on the teachers' device of a prepared batch (moved there if needed);
+        of a token batch, the logits rows of its target tokens."""
+        if self.tokens:
+            x = tuple(part.to(self.device, non_blocking=True) for part in x)
+            with _autocast(bf16, self.device.type):
+                return ensemble_logits([type(self).forward_rows(m, x) for m in self.models])
         x = x.to(self.device, non_blocking=True)
         with _autocast(bf16, self.device.type):
             return ensemble_logits([m(x) for m in self.models])
+
+    @staticmethod
+    def forward_rows(model, x):
+        from .data.translation import TranslationData
+
+        return TranslationData.forward(model, x)
 
     def predict(self, data: Dataset, split: str, batch_size: int, channels_last: bool = False,
                 ctx=None) -> torch.Tensor:
         return ensemble_logits([predict_split(m, data, split, batch_size, channels_last=channels_last, ctx=ctx)
                                 for m in self.models])
+
+
+def _check_translation_teachers(teacher_cfg, data) -> None:
+    """A translation teacher must speak the student's vocabulary: the same corpus and
+    sentencepiece model (by the hashes its result.json records)."""
+    for run in teacher_cfg.runs:
+        result = read_json(Path(run) / "result.json")
+        corpus = result.get("corpus", {})
+        if corpus.get("sha256") != data.corpus.sha256 or corpus.get("vocab_size") != data.num_classes:
+            raise ConfigError(f"teacher {run} was trained on another corpus or vocabulary (corpus "
+                              f"{str(corpus.get('sha256'))[:12]}, {corpus.get('vocab_size')} pieces) than this run "
+                              f"({data.corpus.sha256[:12]}, {data.num_classes} pieces)")
 
 
 class _MutualInformationProbe:
@@ -333,7 +360,11 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     data = load_dataset(cfg.data)
     teachers = _Teachers(cfg.teacher, data, cfg.channels_last, device) if cfg.teacher else None
     try:
-        num_params = check_model(cfg.model.name, data.num_classes, data.input_shape)
+        if getattr(data, "tokens", False):  # a translation model (the config checked the pairing)
+            with torch.device("meta"):
+                num_params = count_parameters(build_model(cfg.model.name, data.num_classes, input_shape=()))
+        else:
+            num_params = check_model(cfg.model.name, data.num_classes, data.input_shape)
     except ValueError as err:
         raise ConfigError(f"config key 'model.name': {err} (data {cfg.data.name} gives inputs of shape "
                           f"{tuple(data.input_shape)})") from None
@@ -424,6 +455,11 @@ def _check_processes(cfg: Config, data, ctx, device: torch.device) -> None:
     if cfg.sync_batchnorm and device.type != "cuda":
         raise ConfigError("sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only; this run is on the CPU "
                           f"({ctx.world} gloo processes): leave it off here")
+    if getattr(data, "tokens", False):
+        if data.smallest_batch() < ctx.world:
+            raise ConfigError(f"data.max_tokens={data.max_tokens}: a batch of {data.smallest_batch()} sentence(s) "
+                              f"cannot be shared by {ctx.world} processes (each needs rows of every batch)")
+        return
     n = len(data.train_y)
     last = n % cfg.optim.batch_size or cfg.optim.batch_size
     if min(cfg.optim.batch_size, last) < ctx.world:
@@ -519,7 +555,7 @@ def _scalar_tag(key: str) -> str:
     for prefix in ("ema_val_", "ema_test_", "train_", "val_", "test_"):
         if key.startswith(prefix):
             return f"{prefix[:-1]}/{key[len(prefix):]}"
-    return {"lr": "train/lr", "images_per_s": "speed/images_per_s", "epoch_time_s": "speed/epoch_time_s"}.get(
+    return {"lr": "train/lr", "images_per_s": "speed/images_per_s", "tokens_per_s": "speed/tokens_per_s", "epoch_time_s": "speed/epoch_time_s"}.get(
         key, f"other/{key}")
 
 
@@ -548,11 +584,47 @@ def _sum_over_ranks(ctx, device, loss_sum, correct, seen: int, skipped: int):
     return loss_sum, correct, int(counts[0]), int(counts[1])
 
 
+def _translation_outputs(cfg: Config, run_dir: Path, model, data, bf16: bool, ctx, progress: bool, log) -> dict:
+    """Translation runs' final outputs (kdlab/translate.py): token calibration arrays for
+    the analyses, translations of val and test as text, BLEU. Every rank decodes its share."""
+    from .translate import bleu_of, calibration_outputs, translate
+
+    out = {"corpus": data.describe()}
+    if ctx.main:  # the run's own copy of its subwords: decoding and the analyses need no cache
+        atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())
+        val, train_tokens, summary = calibration_outputs(model, data, bf16)
+        atomic_save_npz(run_dir / "eval_val_tokens.npz", **val)
+        atomic_save_npz(run_dir / "eval_train_tokens.npz", **train_tokens)
+        out["token_calibration"] = summary
+        log(f"{run_dir.name}: token calibration on {summary['tokens']:,} validation tokens: ECE {summary['ece']:.4f}, "
+            f"T = {summary['temperature']:.3f} -> ECE {summary['ece_ts']:.4f}")
+    bleu, decode = {}, cfg.decode
+    passes = [("val", 0), ("test", 0)] + ([("test", decode.beam)] if decode.beam > 1 else [])
+    for split, beam in passes:
+        started = time.perf_counter()
+        hypotheses = translate(model, data, split, beam, decode.alpha, decode.extra_length, ctx, progress)
+        seconds = time.perf_counter() - started
+        kind = f"beam{beam}" if beam > 1 else "greedy"
+        if ctx.main:
+            score, signature = bleu_of(data, split, hypotheses)
+            atomic_write_text(run_dir / f"translations_{split}_{kind}.txt", "".join(h + "\n" for h in hypotheses))
+            bleu[f"{split}_{kind}"] = {"bleu": score, "sentences": len(hypotheses), "decode_s": seconds,
+                                       "sentences_per_s": len(hypotheses) / seconds if seconds > 0 else None}
+            bleu["signature"] = signature
+            log(f"{run_dir.name}: {split} BLEU ({kind}) {score:.2f} ({len(hypotheses) / seconds:.1f} sentences/s)")
+    out["bleu"] = bleu
+    if ctx.main:  # the BLEU scores beside the token metrics, for reports
+        out["final_bleu"] = {f"{key.split('_')[0]}_bleu" + ("" if key.endswith("greedy") else "_beam"): v["bleu"]
+                             for key, v in bleu.items() if key != "signature"}
+    return out
+
+
 def _checkpoint_cadence(cfg: Config, data) -> tuple[int | None, float | None]:
     """(every N steps, every S seconds) of checkpoints within an epoch (epoch ends always).
-    Default: none for in-memory data (an epoch is short), every 5 minutes for streamed data."""
+    Default: none for in-memory data (an epoch is short), every 5 minutes for streamed data
+    and translation."""
     if cfg.checkpoint_every_steps is None and cfg.checkpoint_every_minutes is None:
-        return None, (300.0 if data.streamed else None)
+        return None, (300.0 if data.streamed or getattr(data, "tokens", False) else None)
     minutes = cfg.checkpoint_every_minutes
     return cfg.checkpoint_every_steps, (minutes * 60 if minutes else None)
 
@@ -626,10 +698,12 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if ctx.active and cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt_cfg, loss_cfg = cfg.optim, cfg.loss
-    optimizer = torch.optim.SGD(
-        _param_groups(model, opt_cfg.weight_decay, opt_cfg.decay_bn_bias),
-        lr=opt_cfg.lr, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
-    )
+    groups = _param_groups(model, opt_cfg.weight_decay, opt_cfg.decay_bn_bias)
+    if opt_cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=opt_cfg.lr, betas=opt_cfg.betas, eps=opt_cfg.eps)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum,
+                                    nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0)
     scheduler = _scheduler(optimizer, opt_cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     ema = _make_ema(model, opt_cfg.ema_decay) if opt_cfg.ema_decay else None
@@ -653,14 +727,15 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         previous, partial = parse_metrics(metrics_path)
         if partial:
             warn(f"{metrics_path}: dropped a partial last line (an interrupted write)")
-    steps_per_epoch = math.ceil(len(data.train_y) / opt_cfg.batch_size)
+    tokens = getattr(data, "tokens", False)  # translation: rows are target tokens of token-budget batches
+    steps_per_epoch = data.steps_per_epoch() if tokens else math.ceil(len(data.train_y) / opt_cfg.batch_size)
     resumed_at = start_epoch * steps_per_epoch + resume_step  # global steps done
     if ctx.main:
         atomic_write_text(metrics_path, "".join(  # epochs done, and MI lines of the steps done
             json.dumps(m) + "\n" for m in previous
             if m.get("epoch", 0) <= start_epoch or ("train_loss" not in m and m.get("step", math.inf) <= resumed_at)))
     test_teacher = val_teacher = None
-    if teachers is not None:
+    if teachers is not None and not tokens:  # (token metrics run the teacher beside the student)
         val_teacher = teachers.predict(data, "val", cfg.eval_batch_size, cfg.channels_last, ctx)
         test_teacher = teachers.predict(data, "test", cfg.eval_batch_size, cfg.channels_last, ctx)
     use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
@@ -692,14 +767,15 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
-    warmup_steps = opt_cfg.warmup_epochs * steps_per_epoch
+    warmup_steps = opt_cfg.warmup_steps or opt_cfg.warmup_epochs * steps_per_epoch
+    inverse_sqrt = opt_cfg.schedule == "inverse_sqrt"
     writer = _tensorboard_writer(cfg, run_dir, resumed_at + 1) if ctx.main else None
     every_steps, every_s = _checkpoint_cadence(cfg, data)
     last_saved = time.monotonic()
     if writer is not None:
         closers.append(writer)
     params = list(model.parameters())
-    n_train, batch_size = len(data.train_y), opt_cfg.batch_size
+    n_train, batch_size = (data.num_train if tokens else len(data.train_y)), opt_cfg.batch_size
     can_skip = data.streamed and cfg.data.on_bad_image == "skip"  # batches may lose unreadable images
     done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
     train_time = sum(m["epoch_time_s"] for m in done_epochs)
@@ -744,10 +820,15 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                                    "run): remove the files or use larger batches")
                 continue
             seen += len(index)
-            x = _to_device_layout(data.prepare(raw), cfg.channels_last)
             y = y.to(device, non_blocking=True)
-            with _autocast(bf16, device.type):
-                logits = train_model(x)
+            if tokens:  # logits rows of the batch's target tokens (padding dropped)
+                x = raw
+                with _autocast(bf16, device.type):
+                    logits = data.forward(train_model, x)
+            else:
+                x = _to_device_layout(data.prepare(raw), cfg.channels_last)
+                with _autocast(bf16, device.type):
+                    logits = train_model(x)
             if cache is not None:
                 teacher_logits = cache.lookup(index, views, x)
             else:
@@ -757,6 +838,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             if ctx.active:  # DDP averages gradients over ranks: weigh each rank's mean by its rows
                 if can_skip:  # rows kept over all ranks: only a collective knows
                     rows = ctx.all_reduce_(torch.tensor(float(len(index)), device=device))
+                elif tokens:  # the global batch's target tokens (every rank drew the same batches)
+                    rows = data.global_rows(step_in_epoch)
                 else:
                     rows = min(batch_size, n_train - step_in_epoch * batch_size)
                 (loss * (len(index) * ctx.world / rows)).backward()
@@ -765,7 +848,10 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             if opt_cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
             step = epoch * steps_per_epoch + step_in_epoch + 1
-            if step <= warmup_steps:  # linear warm-up (Goyal et al. 2017): lr · step / warm-up steps
+            if inverse_sqrt:  # Vaswani et al.: linear warm-up, then ∝ 1/sqrt(step); peak lr at warm-up
+                for group, base in zip(optimizer.param_groups, epoch_lrs):
+                    group["lr"] = base * min(step / warmup_steps, math.sqrt(warmup_steps / step))
+            elif step <= warmup_steps:  # linear warm-up (Goyal et al. 2017): lr · step / warm-up steps
                 for group, base in zip(optimizer.param_groups, epoch_lrs):
                     group["lr"] = base * step / warmup_steps
             optimizer.step()
@@ -813,10 +899,18 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             raise RunError(f"{run_dir}: training loss became {train_loss} in epoch {epoch + 1} "
                            f"(lower optim.lr or set optim.grad_clip; {kept})")
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
-                  "epoch_time_s": epoch_time, "images_per_s": seen / epoch_time}
+                  "epoch_time_s": epoch_time, ("tokens_per_s" if tokens else "images_per_s"): seen / epoch_time}
         if skipped:
             record["skipped_images"] = skipped
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs:
+        if tokens and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs):
+            from .translate import token_metrics
+
+            for split in ("val", "test"):
+                record.update(token_metrics(split, model, data, split, bf16, ctx, teachers))
+                if ema is not None:
+                    record.update({f"ema_{k}": v for k, v in
+                                   token_metrics(split, ema.module, data, split, bf16, ctx, teachers).items()})
+        elif (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs:
             for split, teacher_logits in (("val", val_teacher), ("test", test_teacher)):
                 y = data.split_labels(split)
                 if len(y):
@@ -840,7 +934,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                               checkpoint_path)
         last_saved = time.monotonic()
         bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{record.get('test_acc', float('nan')):.3f}",
-                        img_s=f"{record['images_per_s']:.0f}")
+                        **({"tok_s": f"{record['tokens_per_s']:.0f}"} if tokens else
+                           {"img_s": f"{record['images_per_s']:.0f}"}))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
             bar.close()
             if cache is not None and store is None and ctx.main:
@@ -850,7 +945,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if cache is not None and store is None and ctx.main:
         cache.save()
 
-    for split in ("train", "val", "test"):
+    extra_result = _translation_outputs(cfg, run_dir, model, data, bf16, ctx, progress, log) if tokens else {}
+    for split in () if tokens else ("train", "val", "test"):
         y = data.split_labels(split)
         if data.streamed and split == "train" and len(y) > STREAMED_TRAIN_EVAL_MAX:
             continue  # ImageNet-size: 1.28M × 2048 features; analyses use val/test
@@ -875,6 +971,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         "images_per_s": n_train * opt_cfg.epochs / train_time if train_time > 0 else None,
         "final": {k: v for k, v in record.items() if k.startswith(("val_", "test_", "train_", "ema_"))},
     }
+    if tokens:  # rows are tokens: the speed is target tokens per second; the corpus and BLEU
+        del result["images_per_s"]
+        result["tokens_per_s"] = data.train_tokens() * opt_cfg.epochs / train_time if train_time > 0 else None
+        result["final"].update(extra_result.pop("final_bleu", {}))
+        result.update(extra_result)
     if getattr(data, "classes", None):  # an image folder's class folders: analysis names classes by them
         result["class_names"] = list(data.classes)
     result.update(processes)

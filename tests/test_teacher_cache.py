@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from kdlab.config import build_config
 from kdlab.runs import read_metrics

@@ -93,3 +93,24 @@ def test_a_beam_covering_every_hypothesis_is_exhaustive_search():
                 assert model.beam_search(src, max_len=3, beam=5 ** 3, alpha=alpha)[0] == best
                 found.add(tuple(best))
     assert len(found) >= 4  # not one answer everywhere: lengths and tokens differ across the cases
+
+
+def test_cached_steps_equal_decoding_the_whole_prefix():
+    """The key/value cache of ``step`` (and ``reorder``, as beam search uses it) gives the
+    logits of ``decode`` on the full prefix."""
+    model = _tiny(vocab=20)
+    src = torch.randint(4, 20, (3, 6))
+    src[1, 4:] = PAD
+    memory, mask = model.encode(src)
+    prefix = torch.cat([torch.full((3, 1), BOS), torch.randint(4, 20, (3, 5))], 1)
+    full = model.decode(prefix, memory, mask)
+    state = model.start(memory, mask)
+    with torch.no_grad():
+        for t in range(prefix.shape[1]):
+            torch.testing.assert_close(model.step(prefix[:, t], state), full[:, t], atol=1e-5, rtol=1e-5)
+        # reorder rows (2, 0, 0) and go on: the same as decoding the reordered prefixes
+        rows = torch.tensor([2, 0, 0])
+        model.reorder(state, rows)
+        nxt = torch.randint(4, 20, (3,))
+        expected = model.decode(torch.cat([prefix[rows], nxt[:, None]], 1), memory[rows], mask[rows])[:, -1]
+        torch.testing.assert_close(model.step(nxt, state), expected, atol=1e-5, rtol=1e-5)

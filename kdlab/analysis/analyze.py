@@ -85,8 +85,12 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
     teacher_dir = _finished(teacher_dir) if teacher_dir else None
     out_dir = Path(out_dir) if out_dir else run_dir / "analysis"
     check_writable_dir(out_dir, "--out")
-    cfg = load_run_config(run_dir)
     result = read_json(run_dir / "result.json")
+    if "token_calibration" in result:  # a translation run: token rows, no logits dump (kdlab/translate.py)
+        from .translation import analyze_translation_run
+
+        return analyze_translation_run(run_dir, classes, out_dir, n_bootstrap, figures, log)
+    cfg = load_run_config(run_dir)
     num_classes = result["num_classes"]
     evals = {split: _load_eval(run_dir, split) for split in ("train", "val", "test")}
     if evals["test"] is None:

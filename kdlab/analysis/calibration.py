@@ -37,7 +37,14 @@ def _bin_index(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 def calibration_bins(logits, labels, n_bins: int = 15) -> dict:
     """Per equal-width bin: count, mean confidence, accuracy (for reliability diagrams)."""
-    confidence, correct = _confidence_and_correct(logits, labels)
+    return confidence_bins(*_confidence_and_correct(logits, labels), n_bins)
+
+
+def confidence_bins(confidence, correct, n_bins: int = 15) -> dict:
+    """``calibration_bins`` of given top-label confidences and 0/1 correctness (what a
+    translation run keeps per token instead of full-vocabulary logits)."""
+    confidence = torch.as_tensor(np.asarray(confidence), dtype=torch.float64)
+    correct = torch.as_tensor(np.asarray(correct), dtype=torch.float64)
     index = _bin_index(confidence, n_bins)
     count = torch.bincount(index, minlength=n_bins).double()
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, confidence)
@@ -50,9 +57,33 @@ def calibration_bins(logits, labels, n_bins: int = 15) -> dict:
 def expected_calibration_error(logits, labels, n_bins: int = 15) -> float:
     """ECE = Σ_m |B_m|/n · |acc(B_m) − conf(B_m)| over M equal-width bins ((m−1)/M, m/M]
     of top-label confidence (Müller et al. §3, Guo et al. Eq. 3). M = 15 as both use."""
-    bins = calibration_bins(logits, labels, n_bins)
+    return _ece_of_bins(calibration_bins(logits, labels, n_bins))
+
+
+def _ece_of_bins(bins: dict) -> float:
     n = bins["count"].sum()
     return float((bins["count"] / n * np.abs(bins["accuracy"] - bins["confidence"])).sum())
+
+
+def ece_of_confidence(confidence, correct, n_bins: int = 15) -> float:
+    """ECE of given confidences and correctness (the same bins as expected_calibration_error)."""
+    return _ece_of_bins(confidence_bins(confidence, correct, n_bins))
+
+
+def token_calibration_report(confidence, correct, label_logprob, n_bins: int = 15, n_resamples: int = 200,
+                             seed: int = 0) -> dict:
+    """accuracy, ECE and NLL with bootstrap 95% intervals from per-token confidence,
+    correctness and the label's log-probability (translation runs)."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+    columns = np.stack([confidence, correct, -np.asarray(label_logprob, np.float64)], 1)
+    metrics = {"accuracy": lambda c, _: float(c[:, 1].mean()),
+               "ece": lambda c, _: ece_of_confidence(c[:, 0], c[:, 1], n_bins),
+               "nll": lambda c, _: float(c[:, 2].mean())}
+    out = {}
+    for name, metric in metrics.items():
+        low, high = bootstrap_interval(metric, columns, np.zeros(len(columns)), n_resamples, seed=seed)
+        out[name] = {"value": metric(columns, None), "low": low, "high": high}
+    return out
 
 
 def maximum_calibration_error(logits, labels, n_bins: int = 15) -> float:
@@ -84,7 +115,6 @@ def classwise_calibration_error(logits, labels, n_bins: int = 15) -> float:
     for c in range(k):
         p, hit = probs[:, c], (labels == c).double()
         index = _bin_index(p, n_bins)
-        count = torch.bincount(index, minlength=n_bins).double()
         p_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, p)
         hit_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, hit)
         total += (hit_sum - p_sum).abs().sum().item() / n

@@ -36,17 +36,21 @@ def _save(fig, path: Path) -> Path:
 
 
 def reliability_diagram(models: dict[str, tuple], path, n_bins: int = 15) -> Path:
-    """``models``: {name: (logits, labels)}. Accuracy per confidence bin against the
-    diagonal, one line per model, with ECE in the legend; bin counts below."""
-    from .calibration import calibration_bins, expected_calibration_error
+    """``models``: {name: (logits, labels)} or {name: (confidence, correct)} with 1-D
+    confidences (translation tokens). Accuracy per confidence bin against the diagonal,
+    one line per model, with ECE in the legend; bin counts below."""
+    import numpy as np
+
+    from .calibration import _ece_of_bins, calibration_bins, confidence_bins
 
     plt = _plt()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.2, 6), height_ratios=[3, 1], sharex=True)
     top.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
     for name, (logits, labels) in models.items():
-        bins = calibration_bins(logits, labels, n_bins)
+        one_d = np.ndim(logits) == 1
+        bins = confidence_bins(logits, labels, n_bins) if one_d else calibration_bins(logits, labels, n_bins)
         used = bins["count"] > 0
-        ece = expected_calibration_error(logits, labels, n_bins)
+        ece = _ece_of_bins(bins)
         top.plot(bins["confidence"][used], bins["accuracy"][used], marker="o", markersize=4,
                  label=f"{name} (ECE {ece:.3f})")
         centres = (bins["edges"][:-1] + bins["edges"][1:]) / 2

@@ -38,6 +38,7 @@ DATASETS = {
     "cifar10": ("crop_flip", 10),
     "cifar100": ("crop_flip", 100),
     "imagefolder": ("resized_crop_flip", None),  # streamed from disk (imagefolder.py); classes from the folders
+    "translation": ("none", None),  # sentence pairs -> target-token rows (translation.py); classes = vocabulary
 }
 
 __all__ = ["Dataset", "load_dataset", "check_data_source", "add_label_noise", "Augmentation", "get_augmentation",
@@ -179,6 +180,9 @@ def check_data_source(cfg) -> None:
         check_mnist1d_size(cfg.num_samples)
     if cfg.name in FILE_LAYOUTS:
         check_dataset_dir(_data_root(cfg), FILE_LAYOUTS[cfg.name], cfg.name)
+    if cfg.name == "translation":
+        _check_translation_source(cfg)
+        return
     if cfg.name == "imagefolder":
         if not cfg.root:
             raise DataError("imagefolder: data.root is not set (a folder with train/<class>/ and val/<class>/ "
@@ -195,6 +199,27 @@ def check_data_source(cfg) -> None:
             if not (Path(cfg.root) / split).is_dir():
                 raise DataError(f"imagefolder: {Path(cfg.root) / split} is not a directory (data.root must hold "
                                 "train/<class>/ and val/<class>/ image folders)")
+
+
+def _check_translation_source(cfg) -> None:
+    """sentencepiece/sacrebleu installed; the built-in catalogues present, or the folder there."""
+    import importlib.util
+
+    from .text import BUILTIN, LOCALE_DIR, PINNED_CATALOGUES
+
+    for module in ("sentencepiece", "sacrebleu"):
+        if importlib.util.find_spec(module) is None:
+            raise DataError(f"translation needs {module}: pip install 'kdlab[text]'")
+    root = cfg.root or BUILTIN
+    if root == BUILTIN:
+        missing = sorted({package for name, package in PINNED_CATALOGUES.items()
+                          if not (LOCALE_DIR / f"{name}.mo").is_file()})
+        if missing:
+            raise DataError(f"{BUILTIN}: pinned catalogues are missing from {LOCALE_DIR}: apt-get install "
+                            f"{' '.join(missing)}")
+    elif not Path(root).is_dir():
+        raise DataError(f"data.root={root}: no such directory (parallel text: train.en/train.de, valid.*, test.*, "
+                        "or train.tsv/valid.tsv/test.tsv)")
 
 
 def _read_arrays(cfg):
@@ -232,6 +257,10 @@ def load_dataset(cfg) -> Dataset:
     the source (check_data_source), then the arrays (_check_arrays) and that the
     augmentation fits their shape (Augmentation.check, a ConfigError on data.augment)."""
     check_data_source(cfg)
+    if cfg.name == "translation":
+        from .translation import TranslationData
+
+        return TranslationData(cfg)
     if cfg.name == "imagefolder":
         if cfg.augment not in ("auto", "none", "resized_crop_flip"):
             raise ConfigError(f"config key 'data.augment': {cfg.augment} is for in-memory data; image folders take "

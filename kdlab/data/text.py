@@ -204,6 +204,13 @@ def cache_dir() -> Path:
 def tokenizer(corpus: Corpus, vocab_size: int, directory: Path | None = None, log=print):
     """The joint sentencepiece model of ``corpus`` (trained once, then read from the cache):
     ids 0 pad, 1 unk, 2 bos, 3 eos."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_file(corpus, vocab_size, directory, log)))
+
+
+def tokenizer_file(corpus: Corpus, vocab_size: int, directory: Path | None = None, log=print) -> Path:
+    """The cached sentencepiece model file of ``corpus`` (trained here the first time)."""
     try:
         import sentencepiece as spm
     except ImportError:
@@ -238,7 +245,7 @@ def tokenizer(corpus: Corpus, vocab_size: int, directory: Path | None = None, lo
                                     f"({reason}){hint}") from None
                 os.replace(f"{tmp}.vocab", directory / f"spm-{key}.vocab")
                 os.replace(f"{tmp}.model", model)  # last: the model file's presence means complete
-    return spm.SentencePieceProcessor(model_file=str(model))
+    return model
 
 
 # --- token batches -----------------------------------------------------------------------

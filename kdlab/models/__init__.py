@@ -44,7 +44,7 @@ def build_model(
     (default (in_channels, 28, 28))."""
     if input_shape is not None:
         input_shape = tuple(int(s) for s in input_shape)
-        in_channels = input_shape[0]
+        in_channels = input_shape[0] if input_shape else in_channels  # () for token sequences
     for regex, fn, _, _ in _FAMILIES.values():
         match = regex.match(name)
         if match:

@@ -12,9 +12,10 @@ feature (Müller's Fig. 7 projects it), and the projection has a bias so that th
 template analysis (rows with the bias appended) applies as for classifiers.
 
 Decoding: ``greedy`` (batched) and ``beam_search`` (length penalty ((5 + |y|) / 6)^α of
-GNMT, α = 0.6 and beam 4 as tensor2tensor; batched over the beam); both re-run the decoder
-on the prefix at each step (no key/value cache: sentences here are short, and the code
-stays obvious).
+GNMT, α = 0.6 and beam 4 as tensor2tensor; batched over the beam); both feed one token a
+step and keep each decoder layer's self-attention keys/values (``start``/``step``: equal
+to ``decode`` on the whole prefix, tested), and the memory's cross-attention keys/values
+once per sentence.
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ class _Attention(nn.Module):
                                                  dropout_p=self.dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).reshape(b, t, d))
 
+    def _split(self, z):
+        b, t, d = z.shape
+        return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def keys_values(self, memory):
+        """(K, V) of ``memory`` (B, H, S, D/H): cross-attention's, computed once per sentence."""
+        return self._split(self.k(memory)), self._split(self.v(memory))
+
+    def attend(self, x, keys, values, mask=None):
+        """Attention of the queries of ``x`` (eval mode) to given keys and values."""
+        b, t, d = x.shape
+        out = F.scaled_dot_product_attention(self._split(self.q(x)), keys, values, attn_mask=mask)
+        return self.out(out.transpose(1, 2).reshape(b, t, d))
+
 
 class _Block(nn.Module):
     def __init__(self, d: int, heads: int, ff: int, dropout: float, cross: bool):
@@ -65,6 +80,18 @@ class _Block(nn.Module):
         if self.cross is not None:
             x = x + self.drop(self.cross(self.norm2(x), memory, memory_mask))
         return x + self.drop(self.ff(self.norm3(x)))
+
+    def step(self, x, cache: dict, memory_kv, memory_mask):
+        """One new decoder position ``x`` (B, 1, D), eval mode: its self-attention keys and
+        values join ``cache`` (the earlier positions'), so the prefix is not recomputed."""
+        h = self.norm1(x)
+        k, v = self.attn.keys_values(h)
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        cache["k"], cache["v"] = k, v
+        x = x + self.attn.attend(h, k, v)
+        x = x + self.cross.attend(self.norm2(x), *memory_kv, memory_mask)
+        return x + self.ff(self.norm3(x))
 
 
 def _positions(length: int, d: int, device) -> torch.Tensor:
@@ -122,15 +149,39 @@ class Transformer(nn.Module):
 
     # --- decoding --------------------------------------------------------------------
 
+    def start(self, memory, memory_mask) -> dict:
+        """Decoding state: cross-attention keys/values of the memory and empty caches."""
+        return {"memory_kv": [block.cross.keys_values(memory) for block in self.decoder], "mask": memory_mask,
+                "caches": [{} for _ in self.decoder], "length": 0}
+
+    def step(self, tokens: torch.Tensor, state: dict) -> torch.Tensor:
+        """Logits (B, V) of the next token after feeding ``tokens`` (B,) at the next position
+        (eval mode; key/value caches in ``state``: the same as ``decode`` on the prefix)."""
+        t = state["length"]
+        x = self.embed(tokens[:, None]) * math.sqrt(self.d) + _positions(t + 1, self.d, tokens.device)[t]
+        for block, cache, memory_kv in zip(self.decoder, state["caches"], state["memory_kv"]):
+            x = block.step(x, cache, memory_kv, state["mask"])
+        state["length"] = t + 1
+        return F.linear(self.dec_norm(x[:, 0]), self.embed.weight, self.fc_bias)
+
+    @staticmethod
+    def reorder(state: dict, rows: torch.Tensor) -> None:
+        """Keep (and repeat) the given rows of a decoding state (beam search's parents)."""
+        state["memory_kv"] = [(k[rows], v[rows]) for k, v in state["memory_kv"]]
+        state["mask"] = state["mask"][rows]
+        for cache in state["caches"]:
+            for key in cache:
+                cache[key] = cache[key][rows]
+
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, max_len: int) -> list[list[int]]:
         """The most probable next token (PAD excluded) at each step, until EOS or ``max_len``
         tokens; batched over sentences."""
-        memory, mask = self.encode(src)
+        state = self.start(*self.encode(src))
         out = torch.full((len(src), 1), BOS, dtype=torch.long, device=src.device)
         done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
         for _ in range(max_len):
-            logits = self.decode(out, memory, mask)[:, -1].float()
+            logits = self.step(out[:, -1], state).float()
             logits[:, PAD] = -math.inf
             step = torch.where(done, torch.full_like(done, PAD, dtype=torch.long), logits.argmax(-1))
             out = torch.cat([out, step[:, None]], 1)
@@ -152,20 +203,26 @@ class Transformer(nn.Module):
         results = []
         for i in range(len(src)):
             alive, finished = [([BOS], 0.0)], []
+            state = self.start(memory_all[i : i + 1], mask_all[i : i + 1])
             for step in range(1, max_len + 1):
-                prefixes = torch.tensor([p for p, _ in alive], device=src.device)
-                memory = memory_all[i : i + 1].expand(len(alive), -1, -1)
-                mask = mask_all[i : i + 1].expand(len(alive), -1, -1, -1)
-                logp = F.log_softmax(self.decode(prefixes, memory, mask)[:, -1].float(), -1)
+                last = torch.tensor([p[-1] for p, _ in alive], device=src.device)
+                logp = F.log_softmax(self.step(last, state).float(), -1)
                 logp[:, PAD] = -math.inf
                 scores = (torch.tensor([s for _, s in alive], device=logp.device)[:, None] + logp).flatten()
                 top = scores.topk(min(beam, int(torch.isfinite(scores).sum())))
-                alive = []
+                parents, kept = [], []
                 for score, flat in zip(top.values.tolist(), top.indices.tolist()):
-                    hypothesis = (prefixes[flat // logp.shape[1]].tolist() + [flat % logp.shape[1]], score)
-                    (finished if hypothesis[0][-1] == EOS or step == max_len else alive).append(hypothesis)
+                    parent = flat // logp.shape[1]
+                    hypothesis = (alive[parent][0] + [flat % logp.shape[1]], score)
+                    if hypothesis[0][-1] == EOS or step == max_len:
+                        finished.append(hypothesis)
+                    else:
+                        kept.append(hypothesis)
+                        parents.append(parent)
+                alive = kept
                 if not alive:
                     break
+                self.reorder(state, torch.tensor(parents, device=src.device))
                 best = max(_normalised(p, s, alpha) for p, s in finished) if finished else -math.inf
                 if best >= max(s for _, s in alive) / _penalty(max_len, alpha):
                     break
