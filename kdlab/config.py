@@ -115,6 +115,9 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-9, gt=0, description="adam: ε")
     epochs: int = Field(200, gt=0)
     batch_size: int = Field(128, gt=0)
+    accumulate: int = Field(1, ge=1, le=4096, description="batches whose gradients make one optimizer step "
+                            "(gradient accumulation: the step is the mean over all their rows; schedules and "
+                            "warm-up count optimizer steps)")
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
@@ -301,6 +304,13 @@ class Config(_Strict):
             raise ValueError("channels_last: is for image models")
         return self
 
+    @model_validator(mode="after")
+    def _accumulate_counts_rows(self):
+        if self.optim.accumulate > 1 and self.data.on_bad_image == "skip":
+            raise ValueError("optim.accumulate > 1 with data.on_bad_image=skip: a step's rows would only be known "
+                             "after its last batch; use one or the other")
+        return self
+
     def run_hash(self) -> str:
         """8 hex digits of the SHA-256 of the resolved config; out_dir and the teachers'
         parent directories excluded, so a tree of runs can be moved, and the device and
@@ -323,7 +333,7 @@ class Config(_Strict):
                 del payload["optim"][key]
         if self.optim.warmup_steps is None:
             del payload["optim"]["warmup_steps"]
-        for key, off in (("warmup_epochs", 0), ("ema_decay", None)):  # newer than existing run dirs:
+        for key, off in (("warmup_epochs", 0), ("ema_decay", None), ("accumulate", 1)):  # newer than existing run dirs:
             if payload["optim"][key] == off:  # off = the old hash
                 del payload["optim"][key]
         if payload["bf16"] is None:  # auto: the hash of the old default (false), as the device is not hashed

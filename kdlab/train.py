@@ -729,7 +729,9 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             warn(f"{metrics_path}: dropped a partial last line (an interrupted write)")
     tokens = getattr(data, "tokens", False)  # translation: rows are target tokens of token-budget batches
     steps_per_epoch = data.steps_per_epoch() if tokens else math.ceil(len(data.train_y) / opt_cfg.batch_size)
-    resumed_at = start_epoch * steps_per_epoch + resume_step  # global steps done
+    accumulate = opt_cfg.accumulate
+    opt_steps = math.ceil(steps_per_epoch / accumulate)  # optimizer steps an epoch
+    resumed_at = start_epoch * opt_steps + resume_step // accumulate  # global (optimizer) steps done
     if ctx.main:
         atomic_write_text(metrics_path, "".join(  # epochs done, and MI lines of the steps done
             json.dumps(m) + "\n" for m in previous
@@ -767,7 +769,10 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
-    warmup_steps = opt_cfg.warmup_steps or opt_cfg.warmup_epochs * steps_per_epoch
+    def global_rows(batch: int) -> int:  # rows of a whole global batch (every rank knows them)
+        return data.global_rows(batch) if tokens else min(opt_cfg.batch_size, n_train - batch * opt_cfg.batch_size)
+
+    warmup_steps = opt_cfg.warmup_steps or opt_cfg.warmup_epochs * opt_steps
     inverse_sqrt = opt_cfg.schedule == "inverse_sqrt"
     writer = _tensorboard_writer(cfg, run_dir, resumed_at + 1) if ctx.main else None
     every_steps, every_s = _checkpoint_cadence(cfg, data)
@@ -834,20 +839,27 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             else:
                 teacher_logits = teachers(x, bf16) if use_teacher_in_step else None
             loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
-            optimizer.zero_grad(set_to_none=True)
-            if ctx.active:  # DDP averages gradients over ranks: weigh each rank's mean by its rows
-                if can_skip:  # rows kept over all ranks: only a collective knows
+            # optim.accumulate batches make one optimizer step (the epoch's last group may be shorter)
+            group_start = step_in_epoch - step_in_epoch % accumulate
+            last_micro = step_in_epoch + 1 == min(group_start + accumulate, steps_per_epoch)
+            if step_in_epoch == group_start:
+                optimizer.zero_grad(set_to_none=True)
+            if ctx.active or accumulate > 1:  # weigh each part's mean by its rows: the step's gradient is the
+                if can_skip:  # mean over all its rows (DDP averages over ranks); rows over ranks: a collective
                     rows = ctx.all_reduce_(torch.tensor(float(len(index)), device=device))
-                elif tokens:  # the global batch's target tokens (every rank drew the same batches)
-                    rows = data.global_rows(step_in_epoch)
                 else:
-                    rows = min(batch_size, n_train - step_in_epoch * batch_size)
+                    rows = sum(global_rows(s) for s in range(group_start, min(group_start + accumulate,
+                                                                             steps_per_epoch)))
                 (loss * (len(index) * ctx.world / rows)).backward()
             else:
                 loss.backward()
+            loss_sum += loss.detach().double() * len(index)
+            correct += (logits.detach().argmax(1) == y).sum()
+            if not last_micro:
+                continue
             if opt_cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
-            step = epoch * steps_per_epoch + step_in_epoch + 1
+            step = epoch * opt_steps + step_in_epoch // accumulate + 1  # optimizer steps
             if inverse_sqrt:  # Vaswani et al.: linear warm-up, then ∝ 1/sqrt(step); peak lr at warm-up
                 for group, base in zip(optimizer.param_groups, epoch_lrs):
                     group["lr"] = base * min(step / warmup_steps, math.sqrt(warmup_steps / step))
@@ -859,13 +871,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 ema.update_parameters(model)
             if writer is not None and step % 50 == 0:  # (one device sync every 50 steps)
                 writer.add_scalar("train/loss_step", loss.item(), step)
-            loss_sum += loss.detach().double() * len(index)
-            correct += (logits.detach().argmax(1) == y).sum()
             if probe is not None and step % cfg.mutual_information.every_steps == 0:
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps({"epoch": epoch + 1, "step": step, "mutual_information": probe(model)}) + "\n")
             due = False
-            if step_in_epoch + 1 < steps_per_epoch:
+            if step_in_epoch + 1 < steps_per_epoch:  # (at the end of an accumulation group only)
                 if every_steps and step % every_steps == 0:
                     due = True
                 elif every_s and not ctx.active:
@@ -883,9 +893,10 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 if stop_after_step is not None and step >= stop_after_step:
                     bar.close()
                     return None
+        last_lr = optimizer.param_groups[0]["lr"]  # of the epoch's last step
         for group, base in zip(optimizer.param_groups, epoch_lrs):
             group["lr"] = base  # (after warm-up steps) the schedule goes on from its own value
-        lr = optimizer.param_groups[0]["lr"]
+        lr = last_lr if inverse_sqrt else optimizer.param_groups[0]["lr"]
         scheduler.step()
         if on_cuda:
             torch.cuda.synchronize(device)  # the epoch's kernels are queued, not finished
@@ -927,7 +938,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         if writer is not None:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, (int, float)):
-                    writer.add_scalar(_scalar_tag(key), value, (epoch + 1) * steps_per_epoch)
+                    writer.add_scalar(_scalar_tag(key), value, (epoch + 1) * opt_steps)
             writer.flush()
         if ctx.main:
             atomic_torch_save(_checkpoint(epoch + 1, model, optimizer, scheduler, generator, device, ema),

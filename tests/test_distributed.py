@@ -151,3 +151,37 @@ def test_the_ray_task_of_a_multi_gpu_run_is_a_torchrun(tmp_path):
     assert [Scale(stages=[], gpus_per_run=g).processes_per_run for g in (0, 0.5, 1, 2, 8)] == [1, 1, 1, 2, 8]
     with pytest.raises(ValueError, match="whole GPUs"):
         Scale(stages=[], gpus_per_run=1.5)
+
+
+def test_translation_over_two_processes_equals_one(tmp_path):
+    """Token batches over 2 gloo processes: each rank takes part of every batch's sentences
+    and weighs its loss by its share of the global batch's target tokens (a dropout-free
+    Transformer, so the runs are the same computation): metrics and weights agree to
+    rounding with one process, with gradient accumulation on."""
+    pytest.importorskip("sentencepiece")
+    from test_translation_run import write_corpus
+
+    env = {**ENV, "KDLAB_CACHE": str(tmp_path / "cache")}
+
+    def config(out):
+        return config_with({"out_dir": str(out), "threads": 1, "name": "mt",
+                            "data": {"name": "translation", "root": str(write_corpus(tmp_path / "text")),
+                                     "vocab_size": 40, "max_tokens": 160, "calibration_tokens": 60},
+                            "model": {"name": "transformer-1-16-2-drop0"},
+                            "optim": {"optimizer": "adam", "lr": 0.01, "schedule": "inverse_sqrt",
+                                      "warmup_steps": 10, "epochs": 2, "weight_decay": 0.0, "accumulate": 2},
+                            "loss": {"smoothing": 0.1}, "decode": {"beam": 0}})
+
+    one, two = config(tmp_path / "one"), config(tmp_path / "two")
+    _run(one, tmp_path, 1, env)
+    _run(two, tmp_path, 2, env)
+    ma, mb = (_metrics(c.run_dir()) for c in (one, two))
+    assert [m["epoch"] for m in mb] == [1, 2]
+    for x, y in zip(ma, mb):
+        for key in set(x) - {"tokens_per_s"}:
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
+    wa, wb = (torch.load(c.run_dir() / "model.pt", weights_only=True) for c in (one, two))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+    result = json.loads((two.run_dir() / "result.json").read_text())
+    assert result["world_size"] == 2 and len((two.run_dir() / "translations_test_greedy.txt").read_text().splitlines()) == 30

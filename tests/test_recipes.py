@@ -103,7 +103,7 @@ def test_packaged_recipes_and_example_configs(tmp_path, monkeypatch, capsys):
     assert RECIPE_DIR.parent == CONFIG_DIR.parent and RECIPE_DIR.parent.parent.name == "kdlab"
     assert {"kim-table2", "muller-mnist"} <= {p.stem for p in list_recipes()}
     assert load_recipe("kim-table2").id == "kim-table2"
-    with pytest.raises(ConfigError, match="known: kim-ensemble, .*, muller-table3$"):
+    with pytest.raises(ConfigError, match="known: kd-translation, kim-ensemble, .*, muller-translation$"):
         load_recipe("no-such-recipe")
     assert {p.stem for p in list_example_configs()} == {"student-mnist1d", "teacher-mnist1d"}
     for name in ("teacher-mnist1d", "teacher-mnist1d.yaml", "configs/teacher-mnist1d.yaml"):

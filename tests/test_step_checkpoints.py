@@ -98,3 +98,29 @@ def test_streamed_images_resume_within_an_epoch_with_two_workers(tmp_path):
     assert strip(whole) == strip(run_dir)
     x, y = (torch.load(d / "model.pt", weights_only=True) for d in (whole, run_dir))
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_accumulated_batches_make_the_step_of_one_big_batch(tmp_path):
+    """optim.accumulate=2 of 64 rows = one batch of 128 (the same samples in the same
+    order: the last step has one part of 61 rows), to float rounding; and a run with
+    accumulation stopped at a checkpoint (only between groups) resumes exactly."""
+    def digits(out, optim, **extra):
+        return _digits(out, data={"augment": "none"}, mutual_information={"every_steps": 0},
+                       optim={"warmup_epochs": 0, "ema_decay": None, "epochs": 2, **optim}, **extra)
+
+    big = train(digits(tmp_path / "big", {"batch_size": 128}), **QUIET)
+    small = train(digits(tmp_path / "acc", {"batch_size": 64, "accumulate": 2}), **QUIET)
+    x, y = (torch.load(Path(r["run_dir"]) / "model.pt", weights_only=True) for r in (big, small))
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-5)
+    assert small["final"]["train_loss"] == pytest.approx(big["final"]["train_loss"], rel=1e-5)
+
+    cut = digits(tmp_path / "cut", {"batch_size": 64, "accumulate": 2}, checkpoint_every_steps=5)
+    assert train(cut, stop_after_step=5, **QUIET) is None
+    assert torch.load(cut.run_dir() / "checkpoint.pt", weights_only=True)["step_in_epoch"] == 10  # 5 steps, 10 parts
+    resumed = Path(train(cut, **QUIET)["run_dir"])
+    strip = lambda run: [{k: v for k, v in m.items() if k not in TIME_KEYS}  # noqa: E731
+                         for m in read_metrics(run, "all")]
+    assert strip(resumed) == strip(Path(small["run_dir"]))
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (resumed, Path(small["run_dir"])))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -61,9 +61,10 @@ def test_a_translation_run_keeps_calibration_tokens_translations_and_bleu(tmp_pa
     epochs = read_metrics(run, "epochs")
     assert [m["epoch"] for m in epochs] == [1, 2]
     assert {"val_acc", "val_nll", "test_acc", "test_nll", "tokens_per_s"} <= set(epochs[-1])
-    # inverse sqrt: lr · min(step / 10, sqrt(10 / step)) after the epoch's last step
+    # inverse sqrt: lr · min(step / 10, sqrt(10 / step)) at the epoch's last step
     steps = corpus["steps_per_epoch"]
-    assert epochs[0]["lr"] == pytest.approx(0.01) and steps > 10
+    assert steps > 10 and [m["lr"] for m in epochs] == pytest.approx([0.01 * (10 / steps) ** 0.5,
+                                                                       0.01 * (10 / (2 * steps)) ** 0.5])
 
     val = np.load(run / "eval_val_tokens.npz")
     n = len(val["labels"])

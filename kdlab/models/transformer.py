@@ -2,7 +2,8 @@
 
 ``transformer-base``: 6 + 6 layers, d_model 512, 8 heads, feed-forward 2048, dropout 0.1
 (tensor2tensor's ``transformer_base``); ``transformer-L-D-H``: L layers on each side,
-d_model D, H heads, feed-forward 4·D (e.g. ``transformer-2-128-4`` for the quick scale).
+d_model D, H heads, feed-forward 4·D (e.g. ``transformer-2-128-4`` for the quick scale);
+a ``-dropP`` suffix sets the dropout to P% (``transformer-base-drop30``).
 
 Plain torch: attention is ``F.scaled_dot_product_attention``; pre-layer-norm blocks with
 a final norm on each side (as tensor2tensor v1 does); sinusoidal positions; one embedding
@@ -35,7 +36,8 @@ class _Attention(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        # no biases, as tensor2tensor (a key bias would have a zero gradient: softmax ignores it)
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d, bias=False) for _ in range(4))
 
     def forward(self, x, memory, mask=None, causal: bool = False):
         b, t, d = x.shape
@@ -249,11 +251,16 @@ def _strip(tokens: list[int]) -> list[int]:
     return out
 
 
-@register_family(r"transformer-(?:base|(\d+)-(\d+)-(\d+))", ["transformer-base", "transformer-2-128-4"],
-                 "Transformer encoder-decoder: base (6+6, 512, 8 heads; Müller A.3) or L-D-H (ff 4·D)")
+@register_family(r"transformer-(?:base|(\d+)-(\d+)-(\d+))(?:-drop(\d+))?",
+                 ["transformer-base", "transformer-2-128-4", "transformer-2-128-4-drop30"],
+                 "Transformer encoder-decoder: base (6+6, 512, 8 heads; Müller A.3) or L-D-H (ff 4·D); "
+                 "-dropP sets the dropout to P% (default 10)")
 def _build(match, num_classes, in_channels, input_shape):
+    dropout = int(match[4]) / 100 if match[4] is not None else 0.1
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{match[0]}: dropout must be below 100%, got {match[4]}%")
     if match[1] is None:
-        return Transformer(num_classes)
+        return Transformer(num_classes, dropout=dropout)
     layers, d, heads = int(match[1]), int(match[2]), int(match[3])
     positive_sizes(match[0], layers=layers, d_model=d, heads=heads)
-    return Transformer(num_classes, layers, d, heads, 4 * d)
+    return Transformer(num_classes, layers, d, heads, 4 * d, dropout)
