@@ -73,7 +73,7 @@ def test_wheel_ships_recipes_and_configs_and_runs_outside_the_checkout(tmp_path)
     assert len(listing.splitlines()) == len(recipes)
     unknown = subprocess.run([python, "-m", "kdlab", "reproduce", "no-such-recipe"], cwd=work, env=env,
                              capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 2 and "known: kim-ensemble, kim-fig3" in unknown.stderr
+    assert unknown.returncode == 2 and "known: kd-translation, kim-ensemble, kim-fig3" in unknown.stderr
     assert "teacher-mnist1d" in _run([venv / "bin" / "kdlab", "configs"], cwd=work, env=env)
 
     out = tmp_path / "runs"

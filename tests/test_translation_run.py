@@ -150,7 +150,7 @@ def test_analyze_a_translation_run(tmp_path):
     assert cal["ece"]["low"] <= cal["ece"]["value"] <= cal["ece"]["high"]
     proj = report["projection"]
     assert len(proj["classes"]) == 3 and set(proj["tightness"]) == {"train", "val"}
-    assert all(name.startswith("▁") or name for name in proj["class_names"])
+    assert all(name.startswith("▁") and name[1:].isalpha() for name in proj["class_names"])  # whole words
     for key in ("reliability", "temperature_curve", "projection"):
         assert Path(report["figures"][key]).is_file()
     # tokens by piece name

@@ -44,7 +44,7 @@ def piece_names(run_dir: Path) -> list[str]:
 
 def resolve_tokens(classes, names: list[str], val: dict, train: dict) -> list[list[int]]:
     """Token triples for Fig. 7: given (ids or pieces, e.g. ▁die), or by default the three
-    most frequent pieces (EOS aside) among the stored validation tokens."""
+    most frequent whole-word pieces among the stored validation tokens."""
     if classes:
         triples = classes if isinstance(classes[0], (list, tuple)) else [classes]
         out = []
@@ -63,7 +63,12 @@ def resolve_tokens(classes, names: list[str], val: dict, train: dict) -> list[li
             out.append(ids)
         return out
     counts = np.bincount(val["labels"], minlength=len(names))
+    words = np.array([n.startswith("▁") and len(n) >= 3 and n[1:].isalpha() for n in names])
+    counts[~words] = 0  # whole words only (a piece that starts a word, 2+ letters): not '-', '▁', 's'
     counts[:4] = 0  # pad, unk, bos, eos
+    if np.count_nonzero(counts) < 3:  # a tiny vocabulary: any pieces
+        counts = np.bincount(val["labels"], minlength=len(names))
+        counts[:4] = 0
     return [[int(i) for i in np.argsort(-counts, kind="stable")[:3]]]
 
 
