@@ -608,6 +608,9 @@ def _translation_outputs(cfg: Config, run_dir: Path, model, data, bf16: bool, ct
         if ctx.main:
             score, signature = bleu_of(data, split, hypotheses)
             atomic_write_text(run_dir / f"translations_{split}_{kind}.txt", "".join(h + "\n" for h in hypotheses))
+            references = run_dir / f"references_{split}.txt"  # what BLEU compared against
+            if not references.exists():
+                atomic_write_text(references, "".join(r + "\n" for r in data.references(split)))
             bleu[f"{split}_{kind}"] = {"bleu": score, "sentences": len(hypotheses), "decode_s": seconds,
                                        "sentences_per_s": len(hypotheses) / seconds if seconds > 0 else None}
             bleu["signature"] = signature

@@ -87,6 +87,8 @@ def test_a_translation_run_keeps_calibration_tokens_translations_and_bleu(tmp_pa
         name = f"translations_{key.split('_')[0]}_{key.split('_')[1]}.txt"
         lines = (run / name).read_text().splitlines()
         assert len(lines) == corpus["pairs"][split] and 0 <= bleu[key]["bleu"] <= 100
+        references = (run / f"references_{key.split('_')[0]}.txt").read_text().splitlines()
+        assert len(references) == len(lines) and all(r.split()[0] in GERMAN for r in references)
     config = json.loads(json.dumps(result))  # plain JSON
     assert config["model"] == "transformer-1-16-2"
 
