@@ -238,6 +238,25 @@ class DecodeConfig(_Strict):
     alpha: float = Field(0.6, ge=0, description="translation: GNMT length penalty ((5 + |y|) / 6)^α (t2t: 0.6)")
     extra_length: int = Field(50, ge=1, description="translation: decode at most source length + this many tokens "
                               "(t2t: 50)")
+    temperatures: list[float] = Field([], description="translation: also beam-search BLEU on validation with the "
+                                      "logits divided by each T (Müller's BLEU against temperature; needs beam >= 2); "
+                                      "[] = off")
+    temperature_sentences: Optional[int] = Field(None, gt=0, description="translation: the first N validation "
+                                                 "sentences for the BLEU-against-T curve (default all)")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive_temperatures(cls, values):
+        if any(not (t > 0 and math.isfinite(t)) for t in values):
+            raise ValueError(f"temperatures must be finite and > 0, got {values}")
+        return values
+
+    @model_validator(mode="after")
+    def _beam_for_temperatures(self):
+        if self.temperatures and self.beam < 2:
+            raise ValueError("decode.temperatures: BLEU against T needs beam search (decode.beam >= 2); greedy "
+                             "decoding does not depend on T")
+        return self
 
 
 class Config(_Strict):
@@ -328,6 +347,10 @@ class Config(_Strict):
             for key in _TRANSLATION_DATA_KEYS:
                 del payload["data"][key]
             del payload["decode"]
+        else:  # newer than the first translation runs
+            for key, off in (("temperatures", []), ("temperature_sentences", None)):
+                if payload["decode"][key] == off:
+                    del payload["decode"][key]
         if self.optim.optimizer == "sgd":
             for key in ("optimizer", "betas", "eps"):
                 del payload["optim"][key]

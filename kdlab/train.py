@@ -616,6 +616,19 @@ def _translation_outputs(cfg: Config, run_dir: Path, model, data, bf16: bool, ct
             bleu["signature"] = signature
             log(f"{run_dir.name}: {split} BLEU ({kind}) {score:.2f} ({len(hypotheses) / seconds:.1f} sentences/s)")
     out["bleu"] = bleu
+    if decode.temperatures:  # Müller: BLEU against the softmax temperature (beam search on validation)
+        count = len(data.src["val"]) if decode.temperature_sentences is None else decode.temperature_sentences
+        sentences = list(range(min(count, len(data.src["val"]))))
+        curve = {"temperature": list(decode.temperatures), "bleu": [], "beam": decode.beam,
+                 "sentences": len(sentences), "split": "val"}
+        for temperature in decode.temperatures:
+            hypotheses = translate(model, data, "val", decode.beam, decode.alpha, decode.extra_length, ctx, progress,
+                                   temperature, sentences)
+            curve["bleu"].append(bleu_of(data, "val", hypotheses, sentences)[0] if ctx.main else None)
+        if ctx.main:
+            out["bleu_temperature"] = curve
+            log(f"{run_dir.name}: validation BLEU (beam {decode.beam}) against T: " +
+                ", ".join(f"T={t:g} {b:.2f}" for t, b in zip(curve["temperature"], curve["bleu"])))
     if ctx.main:  # the BLEU scores beside the token metrics, for reports
         out["final_bleu"] = {f"{key.split('_')[0]}_bleu" + ("" if key.endswith("greedy") else "_beam"): v["bleu"]
                              for key, v in bleu.items() if key != "signature"}

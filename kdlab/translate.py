@@ -144,14 +144,16 @@ def calibration_outputs(model, data, bf16: bool = False) -> tuple[dict, dict, di
 
 @torch.inference_mode()
 def translate(model, data, split: str, beam: int = 0, alpha: float = 0.6, extra_length: int = 50, ctx=None,
-              progress: bool = False) -> list[str]:
-    """Detokenised translations of every sentence of ``split`` in corpus order: greedy
-    (``beam`` 0 or 1: batched) or beam search. Sentences sorted by length into batches;
-    with a multi-process ``ctx`` batches are shared round-robin and gathered."""
+              progress: bool = False, temperature: float = 1.0, sentences=None) -> list[str]:
+    """Detokenised translations of every sentence of ``split`` (or of the given
+    ``sentences``) in corpus order: greedy (``beam`` 0 or 1: batched) or beam search (with
+    the logits divided by ``temperature``). Sentences sorted by length into batches; with a
+    multi-process ``ctx`` batches are shared round-robin and gathered."""
     was_training = model.training
     model.eval()
     device = _device(model)
-    groups = data.eval_groups(split)
+    chosen = list(range(len(data.src[split]))) if sentences is None else list(sentences)
+    groups = data.eval_groups(split, chosen)
     mine = [g for n, g in enumerate(groups) if ctx is None or not ctx.active or n % ctx.world == ctx.rank]
     done = []
     for group in tqdm(mine, desc=f"decode {split}" + (f" (beam {beam})" if beam > 1 else ""), disable=not progress,
@@ -159,22 +161,20 @@ def translate(model, data, split: str, beam: int = 0, alpha: float = 0.6, extra_
         src = data.batch(split, group, device)[0][0]
         max_len = data.max_decode_length(group, split, extra_length)
         if beam > 1:
-            ids = model.beam_search(src, max_len, beam, alpha)
+            ids = model.beam_search(src, max_len, beam, alpha, temperature)
         else:
             ids = model.greedy(src, max_len)
         done.append([(i, data.decode_text(t)) for i, t in zip(group, ids)])
     model.train(was_training)
     if ctx is not None and ctx.active:
         done = ctx.gather_batches(done)
-    out = [""] * len(data.src[split])
-    for part in done:
-        for i, text in part:
-            out[i] = text
-    return out
+    by_sentence = {i: text for part in done for i, text in part}
+    return [by_sentence[i] for i in chosen]
 
 
-def bleu_of(data, split: str, hypotheses: list[str]) -> tuple[float, str]:
+def bleu_of(data, split: str, hypotheses: list[str], sentences=None) -> tuple[float, str]:
     from .data.text import corpus_bleu
 
-    return corpus_bleu(hypotheses, data.references(split))
+    references = data.references(split)
+    return corpus_bleu(hypotheses, references if sentences is None else [references[i] for i in sentences])
 

@@ -61,9 +61,10 @@ def test_beam_of_width_one_is_greedy():
         src = torch.randint(4, 12, (5, 6))
         src[1, 4:] = PAD  # a shorter sentence in the batch
         assert model.beam_search(src, max_len=8, beam=1) == model.greedy(src, max_len=8)
+        assert model.beam_search(src, max_len=8, beam=1, temperature=3.0) == model.greedy(src, max_len=8)
 
 
-def _exhaustive(model, src, max_len, alpha):
+def _exhaustive(model, src, max_len, alpha, temperature=1.0):
     tokens = [t for t in range(model.vocab) if t != PAD]
     best, best_score = None, -math.inf
     for length in range(1, max_len + 1):
@@ -71,7 +72,7 @@ def _exhaustive(model, src, max_len, alpha):
             if EOS in body[:-1] or (length < max_len and body[-1] != EOS):
                 continue  # EOS ends a hypothesis; without EOS only max_len tokens count
             tgt_in = torch.tensor([[BOS, *body[:-1]]])
-            logp = F.log_softmax(model(src, tgt_in)[0].float(), -1)
+            logp = F.log_softmax(model(src, tgt_in)[0].float() / temperature, -1)
             score = sum(logp[i, t].item() for i, t in enumerate(body))
             normalised = _normalised([BOS, *body], score, alpha)
             if normalised > best_score:
@@ -86,11 +87,11 @@ def test_a_beam_covering_every_hypothesis_is_exhaustive_search():
         with torch.no_grad():  # larger weights: outputs that depend on the source and the length penalty
             for parameter in model.parameters():
                 parameter.mul_(3.0)
-        for alpha in (0.0, 0.6, 2.0):
+        for alpha, temperature in ((0.0, 1.0), (0.6, 1.0), (2.0, 1.0), (0.6, 2.5)):
             for sentence in range(4):
                 src = torch.randint(4, 6, (1, 4), generator=torch.Generator().manual_seed(sentence))
-                best = _exhaustive(model, src, 3, alpha)
-                assert model.beam_search(src, max_len=3, beam=5 ** 3, alpha=alpha)[0] == best
+                best = _exhaustive(model, src, 3, alpha, temperature)
+                assert model.beam_search(src, max_len=3, beam=5 ** 3, alpha=alpha, temperature=temperature)[0] == best
                 found.add(tuple(best))
     assert len(found) >= 4  # not one answer everywhere: lengths and tokens differ across the cases
 

@@ -53,7 +53,8 @@ def _config(tmp_path, **extra):
 
 
 def test_a_translation_run_keeps_calibration_tokens_translations_and_bleu(tmp_path):
-    result = train(_config(tmp_path), **QUIET)
+    result = train(_config(tmp_path, decode={"beam": 2, "temperatures": [0.5, 1.0, 2.0],
+                                              "temperature_sentences": 12}), **QUIET)
     run = Path(result["run_dir"])
     corpus = result["corpus"]
     assert corpus["pairs"] == {"train": 240, "valid": 30, "test": 30} and corpus["vocab_size"] == 40
@@ -89,6 +90,9 @@ def test_a_translation_run_keeps_calibration_tokens_translations_and_bleu(tmp_pa
         assert len(lines) == corpus["pairs"][split] and 0 <= bleu[key]["bleu"] <= 100
         references = (run / f"references_{key.split('_')[0]}.txt").read_text().splitlines()
         assert len(references) == len(lines) and all(r.split()[0] in GERMAN for r in references)
+    curve = result["bleu_temperature"]
+    assert curve["temperature"] == [0.5, 1.0, 2.0] and curve["sentences"] == 12 and curve["beam"] == 2
+    assert len(curve["bleu"]) == 3 and all(0 <= b <= 100 for b in curve["bleu"])
     config = json.loads(json.dumps(result))  # plain JSON
     assert config["model"] == "transformer-1-16-2"
 

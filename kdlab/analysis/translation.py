@@ -95,6 +95,8 @@ def analyze_translation_run(run_dir: Path, classes=None, out_dir=None, n_bootstr
                                                       n_resamples=n_bootstrap)}
     report["temperature_curve"] = summary["grid"]
     report["bleu"] = result.get("bleu", {})
+    if "bleu_temperature" in result:
+        report["bleu_temperature"] = result["bleu_temperature"]
     report["train_token_accuracy"] = float(train["correct"].mean())
 
     names = piece_names(run_dir)
@@ -128,6 +130,12 @@ def analyze_translation_run(run_dir: Path, classes=None, out_dir=None, n_bootstr
             grid["temperature"], {"ECE": grid["ece"], "NLL / 10": [v / 10 for v in grid["nll"]]},
             out_dir / "temperature_curve", "temperature T", "value",
             "Validation tokens against the softmax temperature (Fig. 6's shape)"))
+        if "bleu_temperature" in result:
+            curve = result["bleu_temperature"]
+            figs["bleu_temperature"] = str(plots.curve(
+                curve["temperature"], {f"beam {curve['beam']}": curve["bleu"]}, out_dir / "bleu_temperature",
+                "temperature T", "BLEU (uncased)",
+                f"Validation BLEU against T ({curve['sentences']} sentences)"))
         for number, ((chosen, panels), proj) in enumerate(zip(all_projections, report["projections"]), start=1):
             if panels:
                 key = "projection" if number == 1 else f"projection_{number}"

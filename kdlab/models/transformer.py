@@ -193,12 +193,14 @@ class Transformer(nn.Module):
         return [_strip(row) for row in out[:, 1:].tolist()]
 
     @torch.no_grad()
-    def beam_search(self, src: torch.Tensor, max_len: int, beam: int = 4, alpha: float = 0.6) -> list[list[int]]:
+    def beam_search(self, src: torch.Tensor, max_len: int, beam: int = 4, alpha: float = 0.6,
+                    temperature: float = 1.0) -> list[list[int]]:
         """Per sentence, the hypothesis of highest log p(y|x) / ((5 + |y|) / 6)^α (|y| counts
         EOS). Each step keeps the ``beam`` best expansions of the live hypotheses; those
         ending in EOS (or reaching ``max_len`` tokens) are finished and leave the beam, so a
         beam of 1 is greedy decoding and a beam wider than every hypothesis an exhaustive
-        search. It stops early once no live hypothesis can beat the best finished one
+        search. ``temperature`` divides the logits (Müller's BLEU against T; greedy decoding
+        ignores it). It stops early once no live hypothesis can beat the best finished one
         (log-probabilities only fall, and the penalty is largest at ``max_len``). The
         decoder runs batched over a sentence's beam, sentence by sentence."""
         memory_all, mask_all = self.encode(src)
@@ -208,7 +210,7 @@ class Transformer(nn.Module):
             state = self.start(memory_all[i : i + 1], mask_all[i : i + 1])
             for step in range(1, max_len + 1):
                 last = torch.tensor([p[-1] for p, _ in alive], device=src.device)
-                logp = F.log_softmax(self.step(last, state).float(), -1)
+                logp = F.log_softmax(self.step(last, state).float() / temperature, -1)
                 logp[:, PAD] = -math.inf
                 scores = (torch.tensor([s for _, s in alive], device=logp.device)[:, None] + logp).flatten()
                 top = scores.topk(min(beam, int(torch.isfinite(scores).sum())))
