@@ -264,6 +264,8 @@ def physical_memory_bytes(device: torch.device) -> int | None:
 def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, int]:
     """Bytes of the allocations that grow with the config, before any is made."""
     items = {"model (weights, gradients, momentum, checkpoint copy)": 16 * num_params}
+    if cfg.optim.optimizer == "adam":  # two moment buffers instead of one
+        items = {"model (weights, gradients, Adam moments, checkpoint copy)": 20 * num_params}
     if cfg.optim.ema_decay:
         items["weight EMA (and its checkpoint copy)"] = 8 * num_params
     mi = cfg.mutual_information
@@ -487,7 +489,7 @@ def _load_checkpoint(path: Path) -> dict:
                        "epoch 0 (or put a good checkpoint back as checkpoint.pt to resume)") from None
 
 
-def _restore(state: dict, path: Path, model, optimizer, scheduler, generator, device, ema=None) -> None:
+def _restore(state: dict, path: Path, model, optimizer, scheduler, generator, device, ema=None, ctx=SINGLE) -> None:
     try:
         model.load_state_dict(state["model"])
         if ema is not None:
@@ -496,6 +498,12 @@ def _restore(state: dict, path: Path, model, optimizer, scheduler, generator, de
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        ranks = state.get("rank_rng")
+        if ranks is not None and len(ranks) == ctx.world:  # each process its own stream (dropout)
+            torch.set_rng_state(ranks[ctx.rank][0])
+            if device.type == "cuda" and ranks[ctx.rank][1] is not None:
+                torch.cuda.set_rng_state(ranks[ctx.rank][1], device)
+            return
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
@@ -591,13 +599,22 @@ def _translation_outputs(cfg: Config, run_dir: Path, model, data, bf16: bool, ct
 
     out = {"corpus": data.describe()}
     if ctx.main:  # the run's own copy of its subwords: decoding and the analyses need no cache
-        atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())
-        val, train_tokens, summary = calibration_outputs(model, data, bf16)
-        atomic_save_npz(run_dir / "eval_val_tokens.npz", **val)
-        atomic_save_npz(run_dir / "eval_train_tokens.npz", **train_tokens)
+        try:
+            atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())
+            val, train_tokens, summary = calibration_outputs(model, data, bf16)
+            atomic_save_npz(run_dir / "eval_val_tokens.npz", **val)
+            atomic_save_npz(run_dir / "eval_train_tokens.npz", **train_tokens)
+        except BaseException as err:  # the other ranks wait to decode with rank 0: tell them
+            ctx.broadcast(("error", _one_line(err)))
+            raise
+        ctx.broadcast(("ok", None))
         out["token_calibration"] = summary
         log(f"{run_dir.name}: token calibration on {summary['tokens']:,} validation tokens: ECE {summary['ece']:.4f}, "
             f"T = {summary['temperature']:.3f} -> ECE {summary['ece_ts']:.4f}")
+    else:
+        status, message = ctx.broadcast(None)
+        if status == "error":
+            raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {message}")
     bleu, decode = {}, cfg.decode
     passes = [("val", 0), ("test", 0)] + ([("test", decode.beam)] if decode.beam > 1 else [])
     for split, beam in passes:
@@ -645,8 +662,20 @@ def _checkpoint_cadence(cfg: Config, data) -> tuple[int | None, float | None]:
     return cfg.checkpoint_every_steps, (minutes * 60 if minutes else None)
 
 
+def _rank_rng(ctx, device) -> list | None:
+    """Every process's torch RNG states (CPU, CUDA) in rank order (a collective), so a
+    resumed multi-process run draws the dropout masks an uninterrupted one would; None in
+    one process (the checkpoint's own states are the process's)."""
+    if not ctx.active:
+        return None
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    states = [None] * ctx.world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
 def _checkpoint(epochs_done: int, model, optimizer, scheduler, generator, device, ema=None, step_in_epoch: int = 0,
-                epoch_generator=None, partial=None) -> dict:
+                epoch_generator=None, partial=None, rank_rng=None) -> dict:
     """What a resume needs. Within an epoch (``step_in_epoch`` > 0) also the generator as
     the epoch began (the batches done are drawn again and skipped) and the epoch's sums."""
     state = {"epoch": epochs_done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -656,6 +685,8 @@ def _checkpoint(epochs_done: int, model, optimizer, scheduler, generator, device
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     if ema is not None:
         state["ema"] = ema.state_dict()
+    if rank_rng is not None:
+        state["rank_rng"] = rank_rng
     if step_in_epoch:
         state.update(step_in_epoch=step_in_epoch, epoch_generator=epoch_generator, partial=partial)
     return state
@@ -724,7 +755,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     generator = torch.Generator().manual_seed(cfg.seed)
     ema = _make_ema(model, opt_cfg.ema_decay) if opt_cfg.ema_decay else None
     if state is not None:
-        _restore(state, checkpoint_path, model, optimizer, scheduler, generator, device, ema)
+        _restore(state, checkpoint_path, model, optimizer, scheduler, generator, device, ema, ctx)
         if state.get("step_in_epoch"):
             log(f"{run_dir}: resuming in epoch {start_epoch + 1} after step {state['step_in_epoch']}")
         else:
@@ -736,6 +767,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+        if state is None and not ctx.main:  # dropout: each process its own stream (rank 0 keeps the seed's)
+            torch.manual_seed((cfg.seed + 1) * 1_000_003 + ctx.rank)
     resume_step = state.get("step_in_epoch", 0) if state is not None else 0
     metrics_path = run_dir / "metrics.jsonl"
     previous = []
@@ -902,9 +935,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 sums = _sum_over_ranks(ctx, device, loss_sum, correct, seen, skipped)
                 partial = {"loss_sum": sums[0].cpu(), "correct": sums[1].cpu(), "seen": sums[2], "skipped": sums[3],
                            "elapsed": elapsed + time.perf_counter() - started, "lrs": epoch_lrs}
+                rank_rng = _rank_rng(ctx, device)
                 if ctx.main:
                     atomic_torch_save(_checkpoint(epoch, model, optimizer, scheduler, generator, device, ema,
-                                                  step_in_epoch + 1, epoch_generator, partial), checkpoint_path)
+                                                  step_in_epoch + 1, epoch_generator, partial, rank_rng),
+                                      checkpoint_path)
                 last_saved = time.monotonic()
                 if stop_after_step is not None and step >= stop_after_step:
                     bar.close()
@@ -956,9 +991,10 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 if key != "epoch" and isinstance(value, (int, float)):
                     writer.add_scalar(_scalar_tag(key), value, (epoch + 1) * opt_steps)
             writer.flush()
+        rank_rng = _rank_rng(ctx, device)
         if ctx.main:
-            atomic_torch_save(_checkpoint(epoch + 1, model, optimizer, scheduler, generator, device, ema),
-                              checkpoint_path)
+            atomic_torch_save(_checkpoint(epoch + 1, model, optimizer, scheduler, generator, device, ema,
+                                          rank_rng=rank_rng), checkpoint_path)
         last_saved = time.monotonic()
         bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{record.get('test_acc', float('nan')):.3f}",
                         **({"tok_s": f"{record['tokens_per_s']:.0f}"} if tokens else

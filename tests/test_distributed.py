@@ -21,7 +21,7 @@ from conftest import config_with
 from kdlab.errors import RunError
 from kdlab.runs import read_metrics
 
-TIME_KEYS = {"epoch_time_s", "images_per_s"}
+TIME_KEYS = {"epoch_time_s", "images_per_s", "tokens_per_s"}
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 ENV.pop("KDLAB_TEST_KILL_IN_WRITE", None)
 
@@ -185,3 +185,24 @@ def test_translation_over_two_processes_equals_one(tmp_path):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
     result = json.loads((two.run_dir() / "result.json").read_text())
     assert result["world_size"] == 2 and len((two.run_dir() / "translations_test_greedy.txt").read_text().splitlines()) == 30
+
+    # with dropout each process draws its own masks, and a checkpoint keeps every rank's
+    # RNG: SIGKILLed in its 2nd checkpoint write and resumed, a 2-process run ends exactly
+    # as an uninterrupted one
+    def dropout(out, **extra):
+        cfg = config(out)
+        return config_with(cfg.model_dump(mode="json"), model={"name": "transformer-1-16-2"},
+                           optim={**cfg.optim.model_dump(mode="json"), "accumulate": 1}, **extra)
+
+    whole = dropout(tmp_path / "whole")
+    _run(whole, tmp_path, 2, env)
+    cut = dropout(tmp_path / "cut", checkpoint_every_steps=5)
+    done = _run(cut, tmp_path, 2, dict(env, KDLAB_TEST_KILL_IN_WRITE="checkpoint.pt:2"), expect_ok=False)
+    assert done.returncode != 0
+    state = torch.load(cut.run_dir() / "checkpoint.pt", weights_only=False)
+    assert state["step_in_epoch"] == 5 and len(state["rank_rng"]) == 2
+    assert not torch.equal(state["rank_rng"][0][0], state["rank_rng"][1][0])  # two streams
+    _run(cut, tmp_path, 2, env)
+    assert _metrics(whole.run_dir()) == _metrics(cut.run_dir())
+    wa, wb = (torch.load(c.run_dir() / "model.pt", weights_only=True) for c in (whole, cut))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -115,3 +115,19 @@ def test_cached_steps_equal_decoding_the_whole_prefix():
         nxt = torch.randint(4, 20, (3,))
         expected = model.decode(torch.cat([prefix[rows], nxt[:, None]], 1), memory[rows], mask[rows])[:, -1]
         torch.testing.assert_close(model.step(nxt, state), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_batched_over_sentences_equals_one_sentence_at_a_time():
+    for seed in range(2):
+        model = _tiny(vocab=14, seed=seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(2.0)
+        src = torch.randint(4, 14, (6, 7), generator=torch.Generator().manual_seed(seed))
+        src[2, 3:] = PAD
+        src[4, 5:] = PAD
+        for beam, alpha, temperature in ((3, 0.6, 1.0), (4, 1.0, 1.5)):
+            together = model.beam_search(src, max_len=9, beam=beam, alpha=alpha, temperature=temperature)
+            alone = [model.beam_search(src[i : i + 1, : int((src[i] != PAD).sum())], max_len=9, beam=beam,
+                                       alpha=alpha, temperature=temperature)[0] for i in range(len(src))]
+            assert together == alone

@@ -167,10 +167,13 @@ class Transformer(nn.Module):
         return F.linear(self.dec_norm(x[:, 0]), self.embed.weight, self.fc_bias)
 
     @staticmethod
-    def reorder(state: dict, rows: torch.Tensor) -> None:
-        """Keep (and repeat) the given rows of a decoding state (beam search's parents)."""
-        state["memory_kv"] = [(k[rows], v[rows]) for k, v in state["memory_kv"]]
-        state["mask"] = state["mask"][rows]
+    def reorder(state: dict, rows: torch.Tensor, memory: bool = True) -> None:
+        """Keep (and repeat) the given rows of a decoding state (beam search's parents).
+        ``memory=False``: the rows move only within each sentence's beam, whose memory rows
+        are the same, so the memory's keys/values stay where they are."""
+        if memory:
+            state["memory_kv"] = [(k[rows], v[rows]) for k, v in state["memory_kv"]]
+            state["mask"] = state["mask"][rows]
         for cache in state["caches"]:
             for key in cache:
                 cache[key] = cache[key][rows]
@@ -202,36 +205,53 @@ class Transformer(nn.Module):
         search. ``temperature`` divides the logits (Müller's BLEU against T; greedy decoding
         ignores it). It stops early once no live hypothesis can beat the best finished one
         (log-probabilities only fall, and the penalty is largest at ``max_len``). The
-        decoder runs batched over a sentence's beam, sentence by sentence."""
-        memory_all, mask_all = self.encode(src)
-        results = []
-        for i in range(len(src)):
-            alive, finished = [([BOS], 0.0)], []
-            state = self.start(memory_all[i : i + 1], mask_all[i : i + 1])
-            for step in range(1, max_len + 1):
-                last = torch.tensor([p[-1] for p, _ in alive], device=src.device)
-                logp = F.log_softmax(self.step(last, state).float() / temperature, -1)
-                logp[:, PAD] = -math.inf
-                scores = (torch.tensor([s for _, s in alive], device=logp.device)[:, None] + logp).flatten()
-                top = scores.topk(min(beam, int(torch.isfinite(scores).sum())))
-                parents, kept = [], []
-                for score, flat in zip(top.values.tolist(), top.indices.tolist()):
-                    parent = flat // logp.shape[1]
-                    hypothesis = (alive[parent][0] + [flat % logp.shape[1]], score)
-                    if hypothesis[0][-1] == EOS or step == max_len:
-                        finished.append(hypothesis)
+        decoder runs once a step for every sentence's beam together (sentence × beam rows;
+        empty slots score -inf), so a batch decodes as fast as its longest sentence."""
+        n, device = len(src), src.device
+        memory, mask = self.encode(src)
+        state = self.start(memory, mask)
+        self.reorder(state, torch.arange(n, device=device).repeat_interleave(beam))  # n·beam rows
+        prefixes = [[[BOS]] for _ in range(n)]  # live hypotheses of each sentence, by slot
+        scores = torch.full((n, beam), -math.inf, device=device)
+        scores[:, 0] = 0.0
+        finished: list[list] = [[] for _ in range(n)]
+        live = [True] * n
+        last = torch.full((n * beam,), BOS, dtype=torch.long, device=device)
+        for step in range(1, max_len + 1):
+            logp = F.log_softmax(self.step(last, state).float() / temperature, -1)
+            logp[:, PAD] = -math.inf
+            vocab = logp.shape[1]
+            top = (scores.view(-1, 1) + logp).view(n, beam * vocab).topk(beam, dim=1)
+            values, indices = top.values.tolist(), top.indices.tolist()
+            new_scores = [[-math.inf] * beam for _ in range(n)]
+            rows = list(range(n * beam))  # each slot's parent row (empty slots: any)
+            tokens = [PAD] * (n * beam)
+            for i in range(n):
+                if not live[i]:
+                    continue
+                kept = []
+                for value, flat in zip(values[i], indices[i]):
+                    if value == -math.inf:
+                        break
+                    parent, token = divmod(flat, vocab)
+                    hypothesis = prefixes[i][parent] + [token]
+                    if token == EOS or step == max_len:
+                        finished[i].append((hypothesis, value))
                     else:
+                        slot = i * beam + len(kept)
+                        rows[slot], tokens[slot], new_scores[i][len(kept)] = i * beam + parent, token, value
                         kept.append(hypothesis)
-                        parents.append(parent)
-                alive = kept
-                if not alive:
-                    break
-                self.reorder(state, torch.tensor(parents, device=src.device))
-                best = max(_normalised(p, s, alpha) for p, s in finished) if finished else -math.inf
-                if best >= max(s for _, s in alive) / _penalty(max_len, alpha):
-                    break
-            results.append(_strip(max(finished, key=lambda h: _normalised(h[0], h[1], alpha))[0][1:]))
-        return results
+                prefixes[i] = kept
+                best = max((_normalised(p, v, alpha) for p, v in finished[i]), default=-math.inf)
+                if not kept or best >= new_scores[i][0] / _penalty(max_len, alpha):
+                    live[i] = False  # (slots in score order: slot 0 is the best live one)
+                    new_scores[i] = [-math.inf] * beam
+            if not any(live):
+                break
+            scores = torch.tensor(new_scores, device=device)
+            last = torch.tensor(tokens, device=device)
+            self.reorder(state, torch.tensor(rows, device=device), memory=False)
+        return [_strip(max(f, key=lambda h: _normalised(h[0], h[1], alpha))[0][1:]) for f in finished]
 
 
 def _penalty(length: int, alpha: float) -> float:
