@@ -875,33 +875,36 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 continue
             seen += len(index)
             y = y.to(device, non_blocking=True)
-            if tokens:  # logits rows of the batch's target tokens (padding dropped)
-                x = raw
-                with _autocast(bf16, device.type):
-                    logits = data.forward(train_model, x)
-            else:
-                x = _to_device_layout(data.prepare(raw), cfg.channels_last)
-                with _autocast(bf16, device.type):
-                    logits = train_model(x)
-            if cache is not None:
-                teacher_logits = cache.lookup(index, views, x)
-            else:
-                teacher_logits = teachers(x, bf16) if use_teacher_in_step else None
-            loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
             # optim.accumulate batches make one optimizer step (the epoch's last group may be shorter)
             group_start = step_in_epoch - step_in_epoch % accumulate
             last_micro = step_in_epoch + 1 == min(group_start + accumulate, steps_per_epoch)
             if step_in_epoch == group_start:
                 optimizer.zero_grad(set_to_none=True)
-            if ctx.active or accumulate > 1:  # weigh each part's mean by its rows: the step's gradient is the
-                if can_skip:  # mean over all its rows (DDP averages over ranks); rows over ranks: a collective
-                    rows = ctx.all_reduce_(torch.tensor(float(len(index)), device=device))
+            # DDP: the gradients of a group's first parts stay local (all-reduced once, with the last)
+            local = train_model.no_sync() if ctx.active and not last_micro else contextlib.nullcontext()
+            with local:
+                if tokens:  # logits rows of the batch's target tokens (padding dropped)
+                    x = raw
+                    with _autocast(bf16, device.type):
+                        logits = data.forward(train_model, x)
                 else:
-                    rows = sum(global_rows(s) for s in range(group_start, min(group_start + accumulate,
-                                                                             steps_per_epoch)))
-                (loss * (len(index) * ctx.world / rows)).backward()
-            else:
-                loss.backward()
+                    x = _to_device_layout(data.prepare(raw), cfg.channels_last)
+                    with _autocast(bf16, device.type):
+                        logits = train_model(x)
+                if cache is not None:
+                    teacher_logits = cache.lookup(index, views, x)
+                else:
+                    teacher_logits = teachers(x, bf16) if use_teacher_in_step else None
+                loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
+                if ctx.active or accumulate > 1:  # weigh each part's mean by its rows: the step's gradient is
+                    if can_skip:  # the mean over all its rows (DDP averages over ranks); over ranks: a collective
+                        rows = ctx.all_reduce_(torch.tensor(float(len(index)), device=device))
+                    else:
+                        rows = sum(global_rows(s) for s in range(group_start, min(group_start + accumulate,
+                                                                                 steps_per_epoch)))
+                    (loss * (len(index) * ctx.world / rows)).backward()
+                else:
+                    loss.backward()
             loss_sum += loss.detach().double() * len(index)
             correct += (logits.detach().argmax(1) == y).sum()
             if not last_micro:
