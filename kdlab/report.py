@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import RunError
 from .recipes import Recipe, ReportItem, RunSpec, expand, load_recipe
-from .runs import atomic_write_text, read_json
+from .runs import atomic_write_json, atomic_write_text, read_json
 
 
 def _axis_order(runs: list[RunSpec], axis: str) -> list[str]:
@@ -61,6 +61,42 @@ def _cells(item: ReportItem, runs: list[RunSpec], row_axis: str | None, col_axis
             spread = (np.std(found) if item.spread == "std" else (min(found), max(found))) if found else None
             cells[row, col] = (np.mean(found), spread, len(found), len(values)) if found else (None, None, 0, len(values))
     return rows, cols, cells
+
+
+def _seed_values(item: ReportItem, runs: list[RunSpec], row_axis: str | None, col_axis: str | None, rows, cols):
+    """{(row, col): {seed: value}}: every finished run's number (times item.scale), so that
+    comparisons can be paired by seed."""
+    selected = [r for r in runs if r.stage == item.stage and all(r.labels.get(a) == v for a, v in item.where.items())]
+    out = {}
+    for row in rows:
+        for col in cols:
+            values = {}
+            for r in selected:
+                if (not row_axis or r.labels.get(row_axis) == row) and (not col_axis or r.labels.get(col_axis) == col):
+                    value = _value(r, item.metric)
+                    if value is not None:
+                        values[r.seed] = value * item.scale
+            out[row, col] = values
+    return out
+
+
+def _table_json(item: ReportItem, rows, cols, cells, seed_values) -> dict:
+    """One table of the report as plain data (report.json)."""
+    entries = []
+    for row in rows:
+        for col in cols:
+            mean, spread, n, total = cells[row, col]
+            paper = item.paper.get(row, {}).get(col if col else item.metric)
+            entry = {"row": row, "col": col, "mean": mean, "n": n, "runs": total,
+                     "by_seed": {str(k): v for k, v in sorted(seed_values[row, col].items())}, "paper": paper}
+            if isinstance(spread, tuple):
+                entry["min"], entry["max"] = spread
+            elif spread is not None:
+                entry["std"] = float(spread)
+            entries.append(entry)
+    return {"title": item.title, "kind": item.kind, "stage": item.stage, "metric": item.metric, "scale": item.scale,
+            "rows_axis": item.rows if item.kind != "curve" else item.x,
+            "cols_axis": item.cols if item.kind != "curve" else item.lines, "cells": entries}
 
 
 def _fmt(cell, digits: int = 2) -> str:
@@ -163,6 +199,7 @@ def write_report(directory: str | Path, log=print) -> dict:
     figure_dir = directory / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     sections = []  # (title, markdown table or None, [png paths], comment)
+    tables = []  # the same numbers as data (report.json)
     for index, item in enumerate(recipe.report):
         if item.kind == "figures":
             pngs = []
@@ -178,6 +215,7 @@ def write_report(directory: str | Path, log=print) -> dict:
         row_axis = item.rows if item.kind != "curve" else item.x
         col_axis = item.cols if item.kind != "curve" else item.lines
         rows, cols, cells = _cells(item, runs, row_axis, col_axis)
+        tables.append(_table_json(item, rows, cols, cells, _seed_values(item, runs, row_axis, col_axis, rows, cols)))
         table = _table_md(item.model_copy(update={"rows": row_axis}), rows, cols, cells)
         png = _plot(item, rows, cols, cells, figure_dir / f"{index:02d}-{item.kind}")
         sections.append((item.title, table, [(png, item.title)] if png else [], item.comment))
@@ -192,7 +230,9 @@ def write_report(directory: str | Path, log=print) -> dict:
     md = _markdown(info, sections, directory)
     atomic_write_text(directory / "report.md", md)
     atomic_write_text(directory / "report.html", _html(info, sections))
-    log(f"report: {directory / 'report.html'} and {directory / 'report.md'}")
+    atomic_write_json(directory / "report.json", {**info, "tables": tables})
+    log(f"report: {directory / 'report.html'}, {directory / 'report.md'} and {directory / 'report.json'} (the tables "
+        "as data)")
     return info
 
 

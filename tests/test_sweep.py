@@ -11,6 +11,7 @@ from kdlab.cli import main
 from kdlab.errors import ConfigError
 from kdlab.recipes import expand, load_recipe
 from kdlab.report import write_report
+from kdlab.runs import read_json
 from kdlab.sweep import run_sweep
 
 TINY = {
@@ -71,6 +72,17 @@ def test_local_sweep_with_two_processes_then_skip_then_report(tiny_recipe, tmp_p
     assert md.count(" ± ") >= 2 and "[" in md.split("Accuracy by objective")[1]  # std, then min/max
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 1 and "<table>" in html
+    # the same tables as data, with each seed's number (paired comparisons across seeds)
+    data = json.loads((out / "report.json").read_text())
+    assert data["recipe"] == "tiny" and data["runs_finished"] == 5 and len(data["tables"]) == 2
+    table = data["tables"][0]
+    assert table["cols_axis"] == "objective" and table["metric"] == "test_acc"
+    cell = next(c for c in table["cells"] if c["col"] == "MSE")
+    assert cell["paper"] == 91.0 and cell["n"] == 2 and set(cell["by_seed"]) == {"0", "1"}
+    assert cell["mean"] == pytest.approx(sum(cell["by_seed"].values()) / 2) and "std" in cell
+    run = next(r for r in expand(recipe, "quick", out) if r.labels.get("objective") == "MSE" and r.seed == 1)
+    assert cell["by_seed"]["1"] == pytest.approx(100 * read_json(run.run_dir / "result.json")["final"]["test_acc"])
+    assert {"min", "max"} <= set(data["tables"][1]["cells"][0])  # the curve's spread: min/max
 
 
 def test_failed_teacher_skips_its_students(tiny_recipe, tmp_path):
