@@ -179,27 +179,21 @@ class _Teachers:
         if channels_last:  # the same layout as the student's batches: no conversion per step
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         self.device, self.channels_last = device, channels_last
-        self.tokens = getattr(data, "tokens", False)
-        if self.tokens:
+        self.rows = data.forward if data.tokens else None  # token batches: logits rows of their target tokens
+        if data.tokens:
             _check_translation_teachers(teacher_cfg, data)
 
     @torch.no_grad()
     def __call__(self, x, bf16: bool) -> torch.Tensor:
         """Float32 logits on the teachers' device of a prepared batch (moved there if needed);
         of a token batch, the logits rows of its target tokens."""
-        if self.tokens:
+        if self.rows is not None:
             x = tuple(part.to(self.device, non_blocking=True) for part in x)
             with _autocast(bf16, self.device.type):
-                return ensemble_logits([type(self).forward_rows(m, x) for m in self.models])
+                return ensemble_logits([self.rows(m, x) for m in self.models])
         x = x.to(self.device, non_blocking=True)
         with _autocast(bf16, self.device.type):
             return ensemble_logits([m(x) for m in self.models])
-
-    @staticmethod
-    def forward_rows(model, x):
-        from .data.translation import TranslationData
-
-        return TranslationData.forward(model, x)
 
     def predict(self, data: Dataset, split: str, batch_size: int, channels_last: bool = False,
                 ctx=None) -> torch.Tensor:
@@ -263,9 +257,10 @@ def physical_memory_bytes(device: torch.device) -> int | None:
 
 def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, int]:
     """Bytes of the allocations that grow with the config, before any is made."""
-    items = {"model (weights, gradients, momentum, checkpoint copy)": 16 * num_params}
     if cfg.optim.optimizer == "adam":  # two moment buffers instead of one
         items = {"model (weights, gradients, Adam moments, checkpoint copy)": 20 * num_params}
+    else:
+        items = {"model (weights, gradients, momentum, checkpoint copy)": 16 * num_params}
     if cfg.optim.ema_decay:
         items["weight EMA (and its checkpoint copy)"] = 8 * num_params
     mi = cfg.mutual_information
@@ -362,7 +357,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     data = load_dataset(cfg.data)
     teachers = _Teachers(cfg.teacher, data, cfg.channels_last, device) if cfg.teacher else None
     try:
-        if getattr(data, "tokens", False):  # a translation model (the config checked the pairing)
+        if data.tokens:  # a translation model (the config checked the pairing)
             with torch.device("meta"):
                 num_params = count_parameters(build_model(cfg.model.name, data.num_classes, input_shape=()))
         else:
@@ -457,7 +452,7 @@ def _check_processes(cfg: Config, data, ctx, device: torch.device) -> None:
     if cfg.sync_batchnorm and device.type != "cuda":
         raise ConfigError("sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only; this run is on the CPU "
                           f"({ctx.world} gloo processes): leave it off here")
-    if getattr(data, "tokens", False):
+    if data.tokens:
         if data.smallest_batch() < ctx.world:
             raise ConfigError(f"data.max_tokens={data.max_tokens}: a batch of {data.smallest_batch()} sentence(s) "
                               f"cannot be shared by {ctx.world} processes (each needs rows of every batch)")
@@ -563,8 +558,8 @@ def _scalar_tag(key: str) -> str:
     for prefix in ("ema_val_", "ema_test_", "train_", "val_", "test_"):
         if key.startswith(prefix):
             return f"{prefix[:-1]}/{key[len(prefix):]}"
-    return {"lr": "train/lr", "images_per_s": "speed/images_per_s", "tokens_per_s": "speed/tokens_per_s", "epoch_time_s": "speed/epoch_time_s"}.get(
-        key, f"other/{key}")
+    return {"lr": "train/lr", "images_per_s": "speed/images_per_s", "tokens_per_s": "speed/tokens_per_s",
+            "epoch_time_s": "speed/epoch_time_s"}.get(key, f"other/{key}")
 
 
 def _make_ema(model: nn.Module, decay: float):
@@ -646,9 +641,6 @@ def _translation_outputs(cfg: Config, run_dir: Path, model, data, bf16: bool, ct
             out["bleu_temperature"] = curve
             log(f"{run_dir.name}: validation BLEU (beam {decode.beam}) against T: " +
                 ", ".join(f"T={t:g} {b:.2f}" for t, b in zip(curve["temperature"], curve["bleu"])))
-    if ctx.main:  # the BLEU scores beside the token metrics, for reports
-        out["final_bleu"] = {f"{key.split('_')[0]}_bleu" + ("" if key.endswith("greedy") else "_beam"): v["bleu"]
-                             for key, v in bleu.items() if key != "signature"}
     return out
 
 
@@ -657,7 +649,7 @@ def _checkpoint_cadence(cfg: Config, data) -> tuple[int | None, float | None]:
     Default: none for in-memory data (an epoch is short), every 5 minutes for streamed data
     and translation."""
     if cfg.checkpoint_every_steps is None and cfg.checkpoint_every_minutes is None:
-        return None, (300.0 if data.streamed or getattr(data, "tokens", False) else None)
+        return None, (300.0 if data.streamed or data.tokens else None)
     minutes = cfg.checkpoint_every_minutes
     return cfg.checkpoint_every_steps, (minutes * 60 if minutes else None)
 
@@ -776,7 +768,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         previous, partial = parse_metrics(metrics_path)
         if partial:
             warn(f"{metrics_path}: dropped a partial last line (an interrupted write)")
-    tokens = getattr(data, "tokens", False)  # translation: rows are target tokens of token-budget batches
+    tokens = data.tokens  # translation: rows are target tokens of token-budget batches
     steps_per_epoch = data.steps_per_epoch() if tokens else math.ceil(len(data.train_y) / opt_cfg.batch_size)
     accumulate = opt_cfg.accumulate
     opt_steps = math.ceil(steps_per_epoch / accumulate)  # optimizer steps an epoch
@@ -1040,8 +1032,10 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if tokens:  # rows are tokens: the speed is target tokens per second; the corpus and BLEU
         del result["images_per_s"]
         result["tokens_per_s"] = data.train_tokens() * opt_cfg.epochs / train_time if train_time > 0 else None
-        result["final"].update(extra_result.pop("final_bleu", {}))
         result.update(extra_result)
+        result["final"].update({  # the BLEU scores beside the token metrics, for reports (val_bleu, test_bleu_beam)
+            f"{key.split('_')[0]}_bleu" + ("" if key.endswith("greedy") else "_beam"): v["bleu"]
+            for key, v in extra_result.get("bleu", {}).items() if key != "signature"})
     if getattr(data, "classes", None):  # an image folder's class folders: analysis names classes by them
         result["class_names"] = list(data.classes)
     result.update(processes)

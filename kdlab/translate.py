@@ -25,18 +25,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data.text import EOS
+from .train import _autocast, _model_device
 
 TEMPERATURE_GRID = tuple(round(0.5 + 0.1 * k, 2) for k in range(21))  # 0.5 .. 2.5
-
-
-def _autocast(enabled: bool, device_type: str):
-    import contextlib
-
-    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -46,7 +37,7 @@ def token_metrics(prefix: str, model, data, split: str, bf16: bool = False, ctx=
     and the sums all-reduced."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = _model_device(model)
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # rows, nll, correct, logit sum, agree, distance
     for number, sentences in enumerate(data.eval_groups(split)):
         if ctx is not None and ctx.active and number % ctx.world != ctx.rank:
@@ -80,7 +71,7 @@ def token_outputs(model, data, split: str, sentences: list[int], bf16: bool = Fa
     of ``sentences``, in the order given (sentence by sentence, position by position)."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = _model_device(model)
     parts = {}
     for group in data.eval_groups(split, sentences):
         x, _ = data.batch(split, group, device)
@@ -151,7 +142,7 @@ def translate(model, data, split: str, beam: int = 0, alpha: float = 0.6, extra_
     multi-process ``ctx`` batches are shared round-robin and gathered."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = _model_device(model)
     chosen = list(range(len(data.src[split]))) if sentences is None else list(sentences)
     groups = data.eval_groups(split, chosen)
     mine = [g for n, g in enumerate(groups) if ctx is None or not ctx.active or n % ctx.world == ctx.rank]

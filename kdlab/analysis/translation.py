@@ -25,14 +25,13 @@ from .calibration import ece_of_confidence, token_calibration_report
 from .representations import project_templates
 
 
-def _npz(path: Path) -> dict:
-    if not path.is_file():
-        raise RunError(f"{path.parent}: no {path.name} (a translation run finished by an older kdlab?)")
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as err:
-        raise RunError(f"{path}: unreadable ({type(err).__name__})") from None
+def _tokens(run_dir: Path, split: str) -> dict:
+    from .analyze import _load_eval
+
+    arrays = _load_eval(run_dir, f"{split}_tokens")
+    if arrays is None:
+        raise RunError(f"{run_dir}: no eval_{split}_tokens.npz (a translation run finished by an older kdlab?)")
+    return arrays
 
 
 def piece_names(run_dir: Path) -> list[str]:
@@ -42,7 +41,7 @@ def piece_names(run_dir: Path) -> list[str]:
     return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
-def resolve_tokens(classes, names: list[str], val: dict, train: dict) -> list[list[int]]:
+def resolve_tokens(classes, names: list[str], val: dict) -> list[list[int]]:
     """Token triples for Fig. 7: given (ids or pieces, e.g. ▁die), or by default the three
     most frequent whole-word pieces among the stored validation tokens."""
     if classes:
@@ -77,7 +76,7 @@ def analyze_translation_run(run_dir: Path, classes=None, out_dir=None, n_bootstr
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "analysis"
     result = read_json(run_dir / "result.json")
-    val, train = _npz(run_dir / "eval_val_tokens.npz"), _npz(run_dir / "eval_train_tokens.npz")
+    val, train = _tokens(run_dir, "val"), _tokens(run_dir, "train")
     summary = result["token_calibration"]
     temperature = float(val["temperature"])
     report: dict = {"run_dir": str(run_dir), "model": result["model"], "dataset": result["dataset"],
@@ -105,7 +104,7 @@ def analyze_translation_run(run_dir: Path, classes=None, out_dir=None, n_bootstr
         raise RunError(f"{run_dir}/model.pt has no tied softmax (embed.weight, fc_bias)")
     weight, bias = state["embed.weight"].double().numpy(), state["fc_bias"].double().numpy()
     all_projections = []
-    for chosen in resolve_tokens(classes, names, val, train):
+    for chosen in resolve_tokens(classes, names, val):
         panels = {}
         for split, arrays in (("train", train), ("val", val)):
             present = [c for c in chosen if np.any(arrays["labels"] == c)]

@@ -84,6 +84,7 @@ class Dataset:
         return cached
 
     streamed = False  # in memory (the fast path); kdlab.data.imagefolder streams from disk
+    tokens = False  # rows are samples (kdlab.data.translation: target tokens)
 
     def split_labels(self, split: str) -> torch.Tensor:
         return self.split(split)[1]

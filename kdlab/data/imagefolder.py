@@ -237,6 +237,7 @@ class ImageFolderData:
     clean_train_y: torch.Tensor | None = None
     augmentation: None = None  # no finite views: no exact (sample, view) teacher table
     streamed: bool = True
+    tokens = False
     _loader: object = field(default=None, repr=False)
     _device_stats: dict = field(default_factory=dict, repr=False)
     _warned: set = field(default_factory=set, repr=False)

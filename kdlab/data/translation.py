@@ -25,7 +25,7 @@ import torch
 
 from ..distributed import shard
 from ..errors import DataError
-from .text import BOS, BUILTIN, EOS, PAD, builtin_corpus, folder_corpus, tokenizer_file
+from .text import BOS, BUILTIN, EOS, PAD, builtin_corpus, folder_corpus, token_batches, tokenizer_file
 
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
 
@@ -55,9 +55,7 @@ class TranslationData:
     tokens = True  # rows are target tokens (the loop's seam)
     streamed = False
     input_shape: tuple = ()
-    noisy_indices = np.zeros(0, np.int64)
-    clean_train_y = None
-    classes = None
+    noisy_indices = np.zeros(0, np.int64)  # (no label noise: the loop writes none)
 
     def __init__(self, cfg, log=print):
         import sentencepiece as spm
@@ -80,8 +78,6 @@ class TranslationData:
             self.text[split] = pairs
         # the epoch's batches (order aside) are fixed: count them once, refuse an impossible budget now
         self._train_lengths = ([len(s) for s in self.src["train"]], [len(t) + 1 for t in self.tgt["train"]])
-        from .text import token_batches
-
         self._batches = token_batches(*self._train_lengths, self.max_tokens)
         longest = max(max(len(s), len(t) + 1) for split in SPLITS for s, t in zip(self.src[split], self.tgt[split]))
         if longest > 4 * self.max_tokens:
@@ -98,7 +94,7 @@ class TranslationData:
         """Target tokens (rows) of one epoch."""
         return sum(self._train_lengths[1])
 
-    def steps_per_epoch(self, batch_size: int | None = None) -> int:
+    def steps_per_epoch(self) -> int:
         return len(self._batches)
 
     def smallest_batch(self) -> int:
@@ -107,9 +103,6 @@ class TranslationData:
     def describe(self) -> dict:
         return {**self.corpus.describe(), "vocab_size": self.num_classes, "max_tokens": self.max_tokens,
                 "train_tokens": self.train_tokens(), "steps_per_epoch": len(self._batches)}
-
-    def prepare(self, x):
-        return x  # token ids go to the model as they are
 
     def global_rows(self, step_in_epoch: int) -> int:
         """Target tokens of the whole global batch ``step_in_epoch`` of the current epoch."""
@@ -126,8 +119,6 @@ class TranslationData:
                       ctx=None):
         """One epoch: ((src, tgt_in), target tokens, sentence index per token, position per
         token, 0) per batch, in an order drawn from ``generator``."""
-        from .text import token_batches
-
         batches = token_batches(*self._train_lengths, self.max_tokens, generator)
         lengths = self._train_lengths[1]
         self._global_rows = [sum(lengths[i] for i in b) for b in batches]
@@ -142,14 +133,10 @@ class TranslationData:
             yield x, y, index, position, 0
 
     @staticmethod
-    def forward(model, x, features: bool = False):
-        """Logits rows (tokens, V) of the non-padding target positions (and their features)."""
+    def forward(model, x):
+        """Logits rows (tokens, V) of the non-padding target positions."""
         src, tgt_in = x
-        keep = tgt_in != PAD
-        if features:
-            logits, feats = model(src, tgt_in, return_features=True)
-            return logits[keep], feats[keep]
-        return model(src, tgt_in)[keep]
+        return model(src, tgt_in)[tgt_in != PAD]
 
     # --- evaluation ----------------------------------------------------------------------
 
@@ -157,8 +144,6 @@ class TranslationData:
         """Sentences of ``split`` (all, or the given ones) in length-sorted batches of 4×
         the training token budget (evaluation keeps no gradients)."""
         chosen = list(range(len(self.src[split]))) if sentences is None else list(sentences)
-        from .text import token_batches
-
         lengths = ([len(self.src[split][i]) for i in chosen], [len(self.tgt[split][i]) + 1 for i in chosen])
         return [[chosen[k] for k in b] for b in token_batches(*lengths, 4 * self.max_tokens)]
 
@@ -177,9 +162,6 @@ class TranslationData:
 
     def references(self, split: str) -> list[str]:
         return [g for _, g in self.text[split]]
-
-    def split_labels(self, split: str) -> torch.Tensor:  # (the loop asks for the size of a split)
-        return torch.zeros(len(self.src[split]))
 
     def max_decode_length(self, sentences, split: str, extra: int) -> int:
         return max(len(self.src[split][i]) for i in sentences) + extra

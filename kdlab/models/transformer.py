@@ -13,7 +13,7 @@ feature (Müller's Fig. 7 projects it), and the projection has a bias so that th
 template analysis (rows with the bias appended) applies as for classifiers.
 
 Decoding: ``greedy`` (batched) and ``beam_search`` (length penalty ((5 + |y|) / 6)^α of
-GNMT, α = 0.6 and beam 4 as tensor2tensor; batched over the beam); both feed one token a
+GNMT, α = 0.6 and beam 4 as tensor2tensor; batched over sentences and their beams); both feed one token a
 step and keep each decoder layer's self-attention keys/values (``start``/``step``: equal
 to ``decode`` on the whole prefix, tested), and the memory's cross-attention keys/values
 once per sentence.
@@ -41,8 +41,7 @@ class _Attention(nn.Module):
 
     def forward(self, x, memory, mask=None, causal: bool = False):
         b, t, d = x.shape
-        split = lambda z: z.view(b, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(memory)), split(self.v(memory))
+        q, k, v = self._split(self.q(x)), self._split(self.k(memory)), self._split(self.v(memory))
         if causal:  # (mask is None then) the lower-triangular mask of SDPA
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                  is_causal=True)
