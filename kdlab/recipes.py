@@ -89,8 +89,19 @@ class Scale(_Strict):
         return int(self.gpus_per_run) if self.gpus_per_run >= 2 else 1
 
 
+class Claim(_Strict):
+    """A paper's claim as a paired comparison over seeds: side ``a`` is expected above side
+    ``b`` (``a`` − ``b`` > 0; for a claim written with ≥, a tie counts as holding). Each
+    side selects one run per seed by axis labels, plus ``stage`` when it is not the item's."""
+
+    claim: str = Field(description="the claim as the paper states it, e.g. 'KL τ=∞ > KL τ=1'")
+    a: dict[str, str] = Field(description="axis -> label (and optionally stage) of the side expected higher")
+    b: dict[str, str] = Field(description="axis -> label (and optionally stage) of the other side")
+    paper: Optional[float] = Field(None, description="the paper's own difference a − b (same units as the table)")
+
+
 class ReportItem(_Strict):
-    kind: Literal["table", "heatmap", "curve", "figures"]
+    kind: Literal["table", "heatmap", "curve", "figures", "claims"]
     title: str
     stage: str
     metric: str = "test_acc"
@@ -103,6 +114,7 @@ class ReportItem(_Strict):
     spread: Literal["std", "minmax"] = Field("std", description="over seeds: mean ± std, or mean [min, max]")
     paper: dict[str, dict[str, float]] = Field(default_factory=dict, description="row -> col -> paper number")
     figures: list[str] = Field(default_factory=list, description="analysis figure names, for kind=figures")
+    claims: list[Claim] = Field(default_factory=list, description="paired comparisons, for kind=claims")
     comment: str = ""
 
 

@@ -21,6 +21,11 @@ from .recipes import Recipe, ReportItem, RunSpec, expand, load_recipe
 from .runs import atomic_write_json, atomic_write_text, read_json
 
 
+CLAIMS_NOTE = ("Paired by seed (same seed = same initialisation and batch order): a − b per seed, its mean ± "
+               "standard error, and the seeds where the claim holds. Reproduced = the paper's sign in every seed "
+               "or a mean beyond twice its standard error; opposite = the same the other way; else not resolved.")
+
+
 def _axis_order(runs: list[RunSpec], axis: str) -> list[str]:
     return list(dict.fromkeys(r.labels[axis] for r in runs if axis in r.labels))
 
@@ -97,6 +102,77 @@ def _table_json(item: ReportItem, rows, cols, cells, seed_values) -> dict:
     return {"title": item.title, "kind": item.kind, "stage": item.stage, "metric": item.metric, "scale": item.scale,
             "rows_axis": item.rows if item.kind != "curve" else item.x,
             "cols_axis": item.cols if item.kind != "curve" else item.lines, "cells": entries}
+
+
+def _claim_side(item: ReportItem, runs: list[RunSpec], side: dict[str, str], claim: str) -> dict[int, float | None]:
+    """{seed: value} of the runs one side of a claim selects (item.where plus the side's labels,
+    in the side's ``stage`` or the item's); a side that selects two runs of one seed is an error."""
+    stage = side.get("stage", item.stage)
+    labels = {**item.where, **{k: v for k, v in side.items() if k != "stage"}}
+    chosen = [r for r in runs if r.stage == stage and all(r.labels.get(a) == v for a, v in labels.items())]
+    if not chosen:
+        raise RunError(f"claim {claim!r}: no run of stage {stage!r} has the labels {labels}")
+    out: dict[int, float | None] = {}
+    for r in chosen:
+        if r.seed in out:
+            raise RunError(f"claim {claim!r}: the labels {labels} select more than one run of seed {r.seed} in "
+                           f"stage {stage!r}; name every axis")
+        value = _value(r, item.metric)
+        out[r.seed] = None if value is None else value * item.scale
+    return out
+
+
+def paired_verdict(diffs: list[float]) -> tuple[str, float | None]:
+    """The regime rule's verdict on per-seed differences a − b (docs/reproductions.md, rule 6):
+    'reproduced' when every seed has the expected sign or the mean exceeds twice its standard
+    error, 'opposite' for the same the other way, else 'not resolved' ('too few seeds' below 2).
+    Returns (verdict, standard error of the mean)."""
+    n = len(diffs)
+    if n < 2:
+        return "too few seeds", None
+    d = np.asarray(diffs, dtype=float)
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    mean = float(d.mean())
+    if (d > 0).all() or mean > 2 * se:
+        return "reproduced", se
+    if (d < 0).all() or mean < -2 * se:
+        return "opposite", se
+    return "not resolved", se
+
+
+def _claims(item: ReportItem, runs: list[RunSpec]) -> list[dict]:
+    out = []
+    for c in item.claims:
+        a, b = _claim_side(item, runs, c.a, c.claim), _claim_side(item, runs, c.b, c.claim)
+        seeds = sorted(s for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None)
+        diffs = [a[s] - b[s] for s in seeds]
+        verdict, se = paired_verdict(diffs)
+        weak = "≥" in c.claim
+        holds = sum(d >= 0 if weak else d > 0 for d in diffs)
+        out.append({"claim": c.claim, "a": c.a, "b": c.b, "seeds": seeds, "pending": len(a.keys() | b.keys()) - len(seeds),
+                    "a_by_seed": {str(s): a[s] for s in seeds}, "b_by_seed": {str(s): b[s] for s in seeds},
+                    "mean_a": float(np.mean([a[s] for s in seeds])) if seeds else None,
+                    "mean_b": float(np.mean([b[s] for s in seeds])) if seeds else None,
+                    "mean_diff": float(np.mean(diffs)) if diffs else None, "se": se, "holds": holds,
+                    "n": len(diffs), "verdict": verdict if diffs else "pending", "paper": c.paper})
+    return out
+
+
+def _claims_md(claims: list[dict]) -> str:
+    lines = ["| claim | a | b | mean a − b ± SE | seeds where it holds | verdict | paper a − b |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for c in claims:
+        if not c["n"]:
+            lines.append(f"| {c['claim']} | – | – | – | – | pending | {_paper(c['paper'])} |")
+            continue
+        diff = f"{c['mean_diff']:+.2f}" + (f" ± {c['se']:.2f}" if c["se"] is not None else "")
+        lines.append(f"| {c['claim']} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {diff} | {c['holds']}/{c['n']} | "
+                     f"{c['verdict']} | {_paper(c['paper'])} |")
+    return "\n".join(lines)
+
+
+def _paper(value) -> str:
+    return "" if value is None else f"{value:+.2f}"
 
 
 def _fmt(cell, digits: int = 2) -> str:
@@ -211,6 +287,13 @@ def write_report(directory: str | Path, log=print) -> dict:
                         if png.is_file():
                             pngs.append((png, run.describe()))
             sections.append((item.title, None, pngs, item.comment))
+            continue
+        if item.kind == "claims":
+            claims = _claims(item, runs)
+            tables.append({"title": item.title, "kind": "claims", "stage": item.stage, "metric": item.metric,
+                           "scale": item.scale, "claims": claims})
+            comment = (item.comment + "\n\n" if item.comment else "") + CLAIMS_NOTE
+            sections.append((item.title, _claims_md(claims), [], comment))
             continue
         row_axis = item.rows if item.kind != "curve" else item.x
         col_axis = item.cols if item.kind != "curve" else item.lines

@@ -448,9 +448,10 @@ CASES = [
     Case("configs-unknown-example", ["configs", "no-such-example"], ("no-such-example",)),
     Case("demo-teacher-epochs-0", ["demo", "--out", "{out}/demo", "--teacher-epochs", "0", "--no-progress"],
          ("epochs",)),
-    # the students' configs must be checked before the teacher is trained (1 epoch here; 40 by default)
+    # the students' configs must be checked before the teacher is trained (1 epoch here; 100 by default)
     Case("demo-student-epochs-0", ["demo", "--out", "{out}/demo", "--teacher-epochs", "1", "--student-epochs", "0",
                                    "--no-progress"], ("epochs",)),
+    Case("demo-seeds-0", ["demo", "--out", "{out}/demo", "--seeds", "0", "--no-progress"], ("--seeds",)),
     Case("unknown-command", ["bogus-command"], ("bogus-command",)),
     Case("no-command", [], ("command",)),
 ]

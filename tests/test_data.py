@@ -432,3 +432,33 @@ def test_check_data_source_builtin_datasets(monkeypatch):
     monkeypatch.setitem(sources.OPTIONAL_PACKAGES, "digits", ("kdlab_no_such_module", "digits needs it"))
     with pytest.raises(DataError, match="^digits needs it$"):
         check_data_source(DataConfig(name="digits"))
+
+
+def test_mnist1d_is_cached_on_disk_and_a_bad_cache_file_is_regenerated(monkeypatch, tmp_path):
+    """Generated once per (size, seed, versions), then read back identical by any process;
+    a truncated cache file is generated again and replaced."""
+    import mnist1d.data
+
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path))
+    sources.load_mnist1d_arrays.cache_clear()
+    first = sources.load_mnist1d_arrays(300, seed=7)
+    (path,) = (tmp_path / "mnist1d").glob("n300-s7-*.npz")
+    assert not list((tmp_path / "mnist1d").glob("*.tmp"))
+
+    def no_generation(args):
+        raise AssertionError("generated again although cached")
+
+    sources.load_mnist1d_arrays.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(mnist1d.data, "make_dataset", no_generation)
+        again = sources.load_mnist1d_arrays(300, seed=7)
+    for a, b in zip(first, again):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    sources.load_mnist1d_arrays.cache_clear()
+    regenerated = sources.load_mnist1d_arrays(300, seed=7)
+    for a, b in zip(first, regenerated):
+        assert np.array_equal(a, b)
+    assert sources._read_mnist1d_cache(path, 300) is not None  # replaced by a good file
+    sources.load_mnist1d_arrays.cache_clear()

@@ -1,6 +1,7 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kdlab.cli import main
@@ -125,3 +126,27 @@ def test_packaged_recipes_and_example_configs(tmp_path, monkeypatch, capsys):
     assert main(["train", "teacher-mnist1d", "optim.epochs=1", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert "name: cnn1d-64" in printed and "epochs: 1" in printed
+
+
+def test_paired_verdict_follows_the_rule():
+    from kdlab.report import paired_verdict
+
+    assert paired_verdict([0.1, 0.2, 0.05])[0] == "reproduced"  # the sign in every seed
+    assert paired_verdict([-0.1, -2.0, -0.3])[0] == "opposite"
+    verdict, se = paired_verdict([3.0, 2.9, 3.1, -0.1])  # one seed against, mean > 2 SE
+    assert verdict == "reproduced" and se == pytest.approx(np.std([3.0, 2.9, 3.1, -0.1], ddof=1) / 2)
+    assert paired_verdict([1.0, -1.0, 0.5])[0] == "not resolved"
+    assert paired_verdict([1.0]) == ("too few seeds", None)
+
+
+@pytest.mark.parametrize("path", list_recipes(), ids=lambda p: p.stem)
+def test_every_claim_selects_one_run_per_seed_on_both_sides(path, tmp_path):
+    """A claim's sides name runs that exist in the quick grid, one per seed (else the report fails)."""
+    from kdlab.report import _claim_side
+
+    recipe = load_recipe(path)
+    runs = expand(recipe, "quick", tmp_path)
+    for item in recipe.report:
+        for claim in item.claims:
+            a, b = _claim_side(item, runs, claim.a, claim.claim), _claim_side(item, runs, claim.b, claim.claim)
+            assert len(a.keys() & b.keys()) >= 1, claim.claim

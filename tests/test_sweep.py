@@ -34,6 +34,9 @@ TINY = {
          "paper": {"": {"KL τ=∞": 90.0, "MSE": 91.0}, "CIFAR-100": {"MSE": 70.5}}},
         {"kind": "curve", "title": "Accuracy by objective", "stage": "student", "x": "objective", "spread": "minmax"},
         {"kind": "figures", "title": "Reliability", "stage": "student", "figures": ["reliability"]},
+        {"kind": "claims", "title": "Claims", "stage": "student",
+         "claims": [{"claim": "MSE ≥ KL τ=∞", "a": {"objective": "MSE"}, "b": {"objective": "KL τ=∞"}, "paper": 0.5},
+                    {"claim": "student > teacher", "a": {"objective": "MSE"}, "b": {"stage": "teacher"}}]},
     ],
 }
 
@@ -74,7 +77,7 @@ def test_local_sweep_with_two_processes_then_skip_then_report(tiny_recipe, tmp_p
     assert html.count("data:image/png;base64,") >= 1 and "<table>" in html
     # the same tables as data, with each seed's number (paired comparisons across seeds)
     data = json.loads((out / "report.json").read_text())
-    assert data["recipe"] == "tiny" and data["runs_finished"] == 5 and len(data["tables"]) == 2
+    assert data["recipe"] == "tiny" and data["runs_finished"] == 5 and len(data["tables"]) == 3
     table = data["tables"][0]
     assert table["cols_axis"] == "objective" and table["metric"] == "test_acc"
     cell = next(c for c in table["cells"] if c["col"] == "MSE")
@@ -83,6 +86,16 @@ def test_local_sweep_with_two_processes_then_skip_then_report(tiny_recipe, tmp_p
     run = next(r for r in expand(recipe, "quick", out) if r.labels.get("objective") == "MSE" and r.seed == 1)
     assert cell["by_seed"]["1"] == pytest.approx(100 * read_json(run.run_dir / "result.json")["final"]["test_acc"])
     assert {"min", "max"} <= set(data["tables"][1]["cells"][0])  # the curve's spread: min/max
+    # claims: paired by seed; a teacher of one seed pairs with the student of that seed only
+    claims = data["tables"][2]["claims"]
+    mse, kl = cell["by_seed"], next(c for c in table["cells"] if c["col"] == "KL τ=∞")["by_seed"]
+    first = claims[0]
+    assert first["seeds"] == [0, 1] and first["paper"] == 0.5
+    assert first["mean_diff"] == pytest.approx(sum(mse[s] - kl[s] for s in "01") / 2)
+    assert first["holds"] == sum(mse[s] >= kl[s] for s in "01") and first["verdict"] in (
+        "reproduced", "opposite", "not resolved")
+    assert claims[1]["seeds"] == [0] and claims[1]["verdict"] == "too few seeds"
+    assert "| MSE ≥ KL τ=∞ |" in md and "seeds where it holds" in md
 
 
 def test_failed_teacher_skips_its_students(tiny_recipe, tmp_path):

@@ -12,8 +12,11 @@ import functools
 import gzip
 import importlib.util
 import math
+import os
 import pickle
 import struct
+import tempfile
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,27 +143,81 @@ def check_mnist1d_size(num_samples: int) -> None:
             f"at most {MNIST1D_MAX_SAMPLES:,}")
 
 
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def _mnist1d_cache_path(num_samples: int, seed: int) -> Path:
+    """Where generated MNIST-1D arrays are kept between processes (``$KDLAB_CACHE/mnist1d`` or
+    ``~/.cache/kdlab/mnist1d``), named by everything the generator's output depends on: the
+    size, the seed and the versions of mnist1d, NumPy and SciPy (its interpolation)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "none"
+
+    root = Path(os.environ.get("KDLAB_CACHE") or Path.home() / ".cache" / "kdlab") / "mnist1d"
+    return root / f"n{int(num_samples)}-s{int(seed)}-mnist1d{v('mnist1d')}-np{v('numpy')}-sp{v('scipy')}.npz"
+
+
+def _read_mnist1d_cache(path: Path, num_samples: int):
+    """The cached arrays, or None when there are none or they are unreadable or the wrong size
+    (then they are generated again and the file replaced)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = tuple(np.array(f[k]) for k in _MNIST1D_KEYS)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if len(arrays[0]) + len(arrays[2]) != num_samples or arrays[0].dtype != np.float32 or arrays[1].dtype != np.int64:
+        return None
+    return arrays
+
+
+def _write_mnist1d_cache(path: Path, arrays) -> None:
+    """Write atomically (a unique temporary file, then rename): concurrent runs may race, each
+    writes identical bytes and the last rename wins. An unwritable cache only costs time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **dict(zip(_MNIST1D_KEYS, arrays)))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass
+
+
 @functools.lru_cache(maxsize=4)
 def load_mnist1d_arrays(num_samples: int = 5000, seed: int = 42):
     """MNIST-1D (Greydanus 2020) generated locally by the ``mnist1d`` package (never its
     download path). Its own 80/20 train/test split; signals (N, 1, 40) float32.
     Generation takes ~0.7 s per 1,000 examples (at most MNIST1D_MAX_SAMPLES), so results
-    are cached in the process (read-only arrays: callers copy what they change)."""
+    are cached on disk (:func:`_mnist1d_cache_path`) and in the process (read-only arrays:
+    callers copy what they change)."""
     check_mnist1d_size(num_samples)
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
         raise DataError(OPTIONAL_PACKAGES["mnist1d"][1]) from None
 
-    args = get_dataset_args()
-    args.num_samples, args.seed = int(num_samples), int(seed)
-    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG: leave it as found
-    try:
-        data = make_dataset(args)
-    finally:
-        np.random.set_state(state)
-    arrays = (np.asarray(data["x"], dtype=np.float32)[:, None, :], np.asarray(data["y"], np.int64),
-              np.asarray(data["x_test"], dtype=np.float32)[:, None, :], np.asarray(data["y_test"], np.int64))
+    path = _mnist1d_cache_path(num_samples, seed)
+    arrays = _read_mnist1d_cache(path, num_samples)
+    if arrays is None:
+        args = get_dataset_args()
+        args.num_samples, args.seed = int(num_samples), int(seed)
+        state = np.random.get_state()  # make_dataset reseeds numpy's global RNG: leave it as found
+        try:
+            data = make_dataset(args)
+        finally:
+            np.random.set_state(state)
+        arrays = (np.asarray(data["x"], dtype=np.float32)[:, None, :], np.asarray(data["y"], np.int64),
+                  np.asarray(data["x_test"], dtype=np.float32)[:, None, :], np.asarray(data["y_test"], np.int64))
+        _write_mnist1d_cache(path, arrays)
     for array in arrays:
         array.flags.writeable = False
     return arrays

@@ -1,5 +1,7 @@
 """Fully connected ReLU nets ``mlp-H1-H2-...`` (Müller et al. A.5: 784-1200-1200-10
-teacher, 784-800-800-10 student). The input is flattened."""
+teacher, 784-800-800-10 student). The input is flattened. ``mlp-H1-...-bn`` puts batch
+norm between each hidden linear layer (then without bias) and its ReLU, as the conv-BN-ReLU
+of CNNs: the quick stand-ins for Kim's WRNs, which have batch norm (docs/reproductions.md)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ from . import positive_sizes, register_family
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: list[int], num_classes: int):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, batch_norm: bool = False):
         super().__init__()
         layers, width = [nn.Flatten()], in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+            if batch_norm:
+                layers += [nn.Linear(width, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            else:
+                layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
             width = h
         self.hidden = nn.Sequential(*layers)
         self.fc = nn.Linear(width, num_classes)
@@ -28,10 +33,11 @@ class MLP(nn.Module):
         return (logits, features) if return_features else logits
 
 
-@register_family(r"mlp((?:-\d+)+)", ["mlp-1200-1200", "mlp-800-800"],
-                 "fully connected ReLU net with the given hidden widths (Müller et al. A.5)")
+@register_family(r"mlp((?:-\d+)+)(-bn)?", ["mlp-1200-1200", "mlp-800-800", "mlp-64-64-bn"],
+                 "fully connected ReLU net with the given hidden widths (Müller et al. A.5); -bn: batch norm "
+                 "after each hidden layer")
 def _build(match, num_classes, in_channels, input_shape):
     shape = input_shape if input_shape is not None else (in_channels, 28, 28)
     hidden = [int(h) for h in match[1].strip("-").split("-")]
     positive_sizes(match[0], **{f"hidden width {i + 1}": h for i, h in enumerate(hidden)})
-    return MLP(math.prod(shape), hidden, num_classes)
+    return MLP(math.prod(shape), hidden, num_classes, batch_norm=bool(match[2]))
