@@ -50,3 +50,12 @@ def test_in_channels_and_small_inputs():
 def test_bad_names_are_clear_errors(name, match):
     with pytest.raises(ValueError, match=match):
         build_model(name, 10)
+
+
+def test_mlp_with_batch_norm_has_bias_free_linears_and_bn_between():
+    """mlp-64-64-bn on MNIST-1D: per hidden layer a bias-free linear, BN (2 per unit), ReLU."""
+    model = build_model("mlp-64-64-bn", 10, input_shape=(1, 40))
+    assert count_parameters(model) == (40 * 64 + 2 * 64) + (64 * 64 + 2 * 64) + (64 * 10 + 10) == 7562
+    kinds = [type(m).__name__ for m in model.hidden]
+    assert kinds == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU"]
+    assert count_parameters(build_model("mlp-64-64", 10, input_shape=(1, 40))) == 7434  # plain: with biases
