@@ -150,3 +150,13 @@ def test_every_claim_selects_one_run_per_seed_on_both_sides(path, tmp_path):
         for claim in item.claims:
             a, b = _claim_side(item, runs, claim.a, claim.claim), _claim_side(item, runs, claim.b, claim.claim)
             assert len(a.keys() & b.keys()) >= 1, claim.claim
+
+
+def test_kim_ensemble_students_are_the_small_model_whatever_their_teacher(tmp_path):
+    """The single-teacher students are labelled by teacher but keep the student architecture
+    (an axis value that sets model.name would turn each into a copy of its teacher)."""
+    runs = expand(load_recipe("kim-ensemble"), "quick", tmp_path)
+    students = [r for r in runs if r.stage in ("single_student", "ensemble_student")]
+    assert len(students) == 12 and {r.config.model.name for r in students} == {"mlp-64-64-bn"}
+    teachers = {r.labels["teacher"]: r.config.model.name for r in runs if r.stage == "teacher"}
+    assert len(set(teachers.values())) == 3
