@@ -160,3 +160,18 @@ def test_kim_ensemble_students_are_the_small_model_whatever_their_teacher(tmp_pa
     assert len(students) == 12 and {r.config.model.name for r in students} == {"mlp-64-64-bn"}
     teachers = {r.labels["teacher"]: r.config.model.name for r in runs if r.stage == "teacher"}
     assert len(set(teachers.values())) == 3
+
+
+@pytest.mark.parametrize("path", list_recipes(), ids=lambda p: p.stem)
+def test_no_student_axis_copies_its_teachers_architecture(path):
+    """A student stage that shares an axis with its teacher stage must not reuse the
+    teacher's axis values when they set model.name (the student would become the teacher)."""
+    recipe = load_recipe(path)
+    for scale in recipe.scales.values():
+        stages = {s.name: s for s in scale.stages}
+        for stage in scale.stages:
+            for teacher in (stages[n] for n in stage.teachers):
+                for axis, values in stage.axes.items():
+                    sets = [v.set.get("model.name") for v in values]
+                    theirs = [v.set.get("model.name") for v in teacher.axes.get(axis, [])]
+                    assert not (any(sets) and sets == theirs), (stage.name, axis)
