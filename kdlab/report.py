@@ -122,10 +122,12 @@ def _claim_side(item: ReportItem, runs: list[RunSpec], side: dict[str, str], cla
     return out
 
 
-def paired_verdict(diffs: list[float]) -> tuple[str, float | None]:
+def paired_verdict(diffs: list[float], weak: bool = False) -> tuple[str, float | None]:
     """The regime rule's verdict on per-seed differences a − b (docs/reproductions.md, rule 6):
     'reproduced' when every seed has the expected sign or the mean exceeds twice its standard
     error, 'opposite' for the same the other way, else 'not resolved' ('too few seeds' below 2).
+    ``weak`` is a claim written with ≥: a tie (a − b = 0) counts as holding, so the sign test
+    asks a − b ≥ 0 in every seed, and 'opposite' still needs a − b < 0 in every seed.
     Returns (verdict, standard error of the mean)."""
     n = len(diffs)
     if n < 2:
@@ -133,7 +135,7 @@ def paired_verdict(diffs: list[float]) -> tuple[str, float | None]:
     d = np.asarray(diffs, dtype=float)
     se = float(d.std(ddof=1) / np.sqrt(n))
     mean = float(d.mean())
-    if (d > 0).all() or mean > 2 * se:
+    if ((d >= 0) if weak else (d > 0)).all() or mean > 2 * se:
         return "reproduced", se
     if (d < 0).all() or mean < -2 * se:
         return "opposite", se
@@ -146,8 +148,8 @@ def _claims(item: ReportItem, runs: list[RunSpec]) -> list[dict]:
         a, b = _claim_side(item, runs, c.a, c.claim), _claim_side(item, runs, c.b, c.claim)
         seeds = sorted(s for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None)
         diffs = [a[s] - b[s] for s in seeds]
-        verdict, se = paired_verdict(diffs)
         weak = "≥" in c.claim
+        verdict, se = paired_verdict(diffs, weak=weak)
         holds = sum(d >= 0 if weak else d > 0 for d in diffs)
         out.append({"claim": c.claim, "a": c.a, "b": c.b, "seeds": seeds, "pending": len(a.keys() | b.keys()) - len(seeds),
                     "a_by_seed": {str(s): a[s] for s in seeds}, "b_by_seed": {str(s): b[s] for s in seeds},

@@ -137,6 +137,10 @@ def test_paired_verdict_follows_the_rule():
     assert verdict == "reproduced" and se == pytest.approx(np.std([3.0, 2.9, 3.1, -0.1], ddof=1) / 2)
     assert paired_verdict([1.0, -1.0, 0.5])[0] == "not resolved"
     assert paired_verdict([1.0]) == ("too few seeds", None)
+    # a claim written with ≥ holds on a tie: the sign test and the count of seeds agree
+    assert paired_verdict([0.0, 0.2, 0.0])[0] == "not resolved"
+    assert paired_verdict([0.0, 0.2, 0.0], weak=True)[0] == "reproduced"
+    assert paired_verdict([0.0, -0.2, -0.1], weak=True)[0] == "not resolved"
 
 
 @pytest.mark.parametrize("path", list_recipes(), ids=lambda p: p.stem)
