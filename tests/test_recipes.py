@@ -17,6 +17,8 @@ except Exception:  # not installed, or no torchvision that loads beside this tor
 BUILTIN_QUICK_DATA = {"digits", "mnist1d", "fashion-mnist"}
 # recipes whose paper scale waits for a model family (say why in the recipe's header)
 PAPER_SCALE_PENDING: dict[str, str] = {}
+# studies: recipes that answer kdlab's own questions (docs/studies), run by path, quick scale only
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "docs" / "studies").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", list_recipes(), ids=lambda p: p.stem)
@@ -143,7 +145,7 @@ def test_paired_verdict_follows_the_rule():
     assert paired_verdict([0.0, -0.2, -0.1], weak=True)[0] == "not resolved"
 
 
-@pytest.mark.parametrize("path", list_recipes(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", list_recipes() + STUDIES, ids=lambda p: p.stem)
 def test_every_claim_selects_one_run_per_seed_on_both_sides(path, tmp_path):
     """A claim's sides name runs that exist in the quick grid, one per seed (else the report fails)."""
     from kdlab.report import _claim_side
@@ -154,6 +156,30 @@ def test_every_claim_selects_one_run_per_seed_on_both_sides(path, tmp_path):
         for claim in item.claims:
             a, b = _claim_side(item, runs, claim.a, claim.claim), _claim_side(item, runs, claim.b, claim.claim)
             assert len(a.keys() & b.keys()) >= 1, claim.claim
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_every_study_expands_on_builtin_data(path, tmp_path):
+    recipe = load_recipe(path)
+    assert path.read_text().startswith("#"), "a study starts with a header saying what it asks"
+    runs = expand(recipe, "quick", tmp_path)
+    assert runs and len({r.run_dir for r in runs}) == len(runs)
+    assert all(r.config.data.name in BUILTIN_QUICK_DATA for r in runs)
+    for item in recipe.report:
+        assert item.stage in {s.name for s in recipe.scales["quick"].stages}
+
+
+def test_bn_study_crosses_teacher_and_student_normalisation(tmp_path):
+    """Each KD student keeps its own architecture and takes the teacher its label names."""
+    runs = expand(load_recipe(next(p for p in STUDIES if p.stem == "bn-kd-gain")), "quick", tmp_path)
+    teachers = {r.labels["teacher"]: r for r in runs if r.stage == "teacher"}
+    assert teachers["plain"].config.model.name == "mlp-160-160-160"
+    assert teachers["BN"].config.model.name == "mlp-160-160-160-bn"
+    kd = [r for r in runs if r.stage == "kd"]
+    assert len(kd) == 2 * 2 * 2 * 3
+    for r in kd:
+        assert r.config.model.name == {"plain": "mlp-64-64", "BN": "mlp-64-64-bn"}[r.labels["student"]]
+        assert r.config.teacher.runs == [str(teachers[r.labels["teacher"]].run_dir)]
 
 
 def test_kim_ensemble_students_are_the_small_model_whatever_their_teacher(tmp_path):
