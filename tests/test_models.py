@@ -59,3 +59,18 @@ def test_mlp_with_batch_norm_has_bias_free_linears_and_bn_between():
     kinds = [type(m).__name__ for m in model.hidden]
     assert kinds == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU"]
     assert count_parameters(build_model("mlp-64-64", 10, input_shape=(1, 40))) == 7434  # plain: with biases
+
+
+def test_mlp_with_layer_norm_normalises_each_example_alone():
+    """mlp-64-64-ln: LayerNorm where -bn has BatchNorm1d; an example's logits in train mode do
+    not depend on its batch (they do with batch norm)."""
+    model = build_model("mlp-64-64-ln", 10, input_shape=(1, 40))
+    assert count_parameters(model) == 7562  # the same parameter count as -bn (2 per unit)
+    assert [type(m).__name__ for m in model.hidden] == ["Flatten", "Linear", "LayerNorm", "ReLU", "Linear",
+                                                        "LayerNorm", "ReLU"]
+    x = torch.randn(16, 1, 40)
+    for name, alone_equal in (("mlp-64-64-ln", True), ("mlp-64-64-bn", False)):
+        net = build_model(name, 10, input_shape=(1, 40)).train()
+        with torch.no_grad():
+            together, alone = net(x)[:4], net(x[:4])
+        assert torch.allclose(together, alone, atol=1e-5) == alone_equal, name
