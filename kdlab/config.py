@@ -20,6 +20,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a key twice (plain YAML keeps the last one
+    silently, so a config's earlier setting would be lost without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # (the base class reports unhashable keys)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {seen[key] + 1} and line {key_node.start_mark.line + 1}; "
+                    "YAML would keep only the last)", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def yaml_load(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys: every YAML kdlab reads goes through it."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 SEED_MAX = 2**32 - 1  # what every generator used accepts (numpy, torch, the mnist1d package)
 
 
@@ -77,6 +102,14 @@ class DataConfig(_Strict):
     def _range(cls, pair):
         if not 0 < pair[0] <= pair[1] or not math.isfinite(pair[1]):
             raise ValueError(f"must be a range 0 < low <= high, got {list(pair)}")
+        return pair
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _area_fraction(cls, pair):
+        if pair[1] > 1:
+            raise ValueError(f"is a range of fractions of the image's area (at most 1; ImageNet: [0.08, 1.0]), "
+                             f"got {list(pair)}")
         return pair
 
 
@@ -144,6 +177,13 @@ class OptimConfig(_Strict):
             raise ValueError(f"adam betas must be in [0, 1), got {list(pair)}")
         return pair
 
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones):
+        if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
+            raise ValueError(f"must be epochs >= 1 in increasing order, got {milestones}")
+        return milestones
+
     @model_validator(mode="after")
     def _warmup_within_training(self):
         if self.schedule == "inverse_sqrt" and self.warmup_steps is None:
@@ -198,6 +238,13 @@ class TeacherStoreConfig(_Strict):
     shard_size: int = Field(4096, gt=0, description="images per shard file (not part of the hash)")
     dir: Optional[str] = Field(None, description="where stores are kept and shared (default OUT_DIR/.teacher-store)")
 
+    @model_validator(mode="after")
+    def _top_k_needs_store(self):
+        if self.top_k is not None and not self.crops:
+            raise ValueError(f"top_k={self.top_k} is a setting of the crop store, which is off (teacher.store.crops=0): "
+                             "set teacher.store.crops=M too, or drop top_k")
+        return self
+
 
 class TeacherWeightsConfig(_Strict):
     model: str = Field(description="registered model name, e.g. timm:resnet152")
@@ -230,6 +277,13 @@ class MutualInformationConfig(_Strict):
     per_class: int = Field(300, gt=0, description="training examples per class (Müller: 300)")
     views: int = Field(5, ge=2, description="augmentations per example, L (Müller: 5)")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the example and view choice")
+
+    @field_validator("classes")
+    @classmethod
+    def _two_classes(cls, classes):
+        if classes[0] == classes[1]:
+            raise ValueError(f"needs two different classes (Y is the difference of their logits), got {classes}")
+        return classes
 
 
 class DecodeConfig(_Strict):
@@ -429,6 +483,16 @@ def _format_error(err: ValidationError) -> str:
     return f"config key '{loc}': {msg}{more}" if loc else f"config: {msg}{more}"
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: its problem and where (the first line alone can be just
+    "while constructing a mapping")."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem:
+        return problem + (f" at line {mark.line + 1}" if mark is not None and "line" not in problem else "")
+    return str(err).splitlines()[0]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
     if "=" not in text:
@@ -437,7 +501,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and value.lower() in ("inf", "+inf", "infinity"):
@@ -482,9 +546,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: invalid YAML ({_yaml_problem(err)})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text (a config is a YAML file)") from None
         except OSError as err:

@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import Config, apply_overrides, build_config, merge_dicts as _merge
+from .config import Config, _yaml_problem, apply_overrides, build_config, merge_dicts as _merge, yaml_load
 from .errors import ConfigError
 
 
@@ -159,12 +159,12 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         known = ", ".join(p.stem for p in list_recipes()) or f"none (no recipes in {RECIPE_DIR})"
         raise ConfigError(f"unknown recipe {str(name_or_path)!r}; known: {known}")
     try:
-        recipe = Recipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+        recipe = Recipe.model_validate(yaml_load(path.read_text(encoding="utf-8")))
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: invalid YAML ({_yaml_problem(err)})") from None
     return recipe
 
 

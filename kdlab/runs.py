@@ -31,11 +31,11 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from filelock import FileLock, Timeout
 
 from . import __version__
@@ -79,15 +79,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def check_writable_dir(path, what: str) -> None:
+def check_writable_dir(path, what: str, probe: bool = False) -> None:
     """``path`` (or, if it does not exist yet, its nearest existing parent) is a writable
-    directory; a one-line ConfigError naming ``what`` (a key or an option) otherwise."""
+    directory; a one-line ConfigError naming ``what`` (a key or an option) otherwise.
+    ``probe``: also create and remove a file there — permission bits do not tell (root
+    passes them on /proc and /sys, which hold no files); call it where writing is next."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not existing.is_dir():
         raise ConfigError(f"{what}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}: {existing} is not writable")
+    if probe:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=existing, prefix=".kdlab-probe-", suffix=".tmp")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as err:
+            raise ConfigError(f"{what}: {existing} cannot hold files ({err.strerror or type(err).__name__}); "
+                              "choose a directory on a real file system") from None
+
+
+def make_dirs(path, what: str) -> None:
+    """``mkdir -p path``, or a one-line ConfigError naming ``what``."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot create {path} ({err.strerror or type(err).__name__})") from None
+
+
+def system_memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def remove_stale_temporaries(directory: Path) -> list[str]:
@@ -100,6 +126,16 @@ def remove_stale_temporaries(directory: Path) -> list[str]:
     return removed
 
 
+def lock_file(path) -> str:
+    """The path of a lock file kdlab is about to take, or a one-line RunError when
+    something else (a directory, a device) sits there."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise RunError(f"{path} is {kind}, where kdlab keeps a lock file: move it away and run again")
+    return str(path)
+
+
 class RunLock:
     """The one process that trains a run dir holds an exclusive ``flock`` on ``.lock``
     (through ``filelock``). The kernel releases it when the process ends in any way,
@@ -110,7 +146,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / ".lock"
         # no soft-lock fallback: a marker file outlives a SIGKILLed holder (a stale lock)
-        self._lock = FileLock(self.path, thread_local=False, fallback_to_soft=False)
+        self._lock = FileLock(lock_file(self.path), thread_local=False, fallback_to_soft=False)
 
     def holder(self) -> str:
         try:
@@ -177,7 +213,9 @@ def atomic_save_npz(path: Path, **arrays) -> None:
 def torch_load(path: Path):
     """``torch.load(weights_only=True)`` with a one-line error for a corrupt file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # (a legacy, non-zip pickle makes torch warn before it fails: our line says it)
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RunError(f"{path}: corrupt or unreadable checkpoint ({type(err).__name__})") from None
 
@@ -256,13 +294,13 @@ def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
 
 
 def load_run_config(run_dir: Path):
-    from .config import Config
+    from .config import Config, yaml_load
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RunError(f"{run_dir} is not a kdlab run dir (no config.yaml)")
     try:
-        return Config.model_validate(yaml.safe_load(path.read_text()))
+        return Config.model_validate(yaml_load(path.read_text()))
     except Exception as err:
         raise RunError(f"{path}: invalid run config ({str(err).splitlines()[0]})") from None
 

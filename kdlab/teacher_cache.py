@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from filelock import FileLock, Timeout
 
 from .errors import warn
-from .runs import atomic_write_bytes
+from .runs import atomic_write_bytes, lock_file
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CHUNK = 128  # rows per teacher forward when filling the table (see the module docstring)
@@ -90,7 +90,7 @@ class TeacherCache:
         self.channels_last = getattr(teachers, "channels_last", False)
         self.key = cache_key(teachers.models, data, bf16, self.channels_last, self.device.type)
         self.path = Path(cfg.dir or default_dir) / f"teacher-logits-{self.key}.npz"
-        self.lock = FileLock(self.path.with_suffix(".lock"), thread_local=False)
+        self.lock = FileLock(lock_file(self.path.with_suffix(".lock")), thread_local=False)
         log(f"teacher cache ({cfg.mode}): {n:,} samples × {self.num_views} views × {k} classes × {cfg.dtype} = "
             f"{size / 1e9:.2f} GB -> {self.path}")
         if size > cfg.max_gb * 1e9:

@@ -38,7 +38,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .errors import DataError, warn
-from .runs import atomic_write_bytes, atomic_write_json
+from .runs import atomic_write_bytes, atomic_write_json, lock_file
 from .teacher_cache import CHUNK, canonical_logits
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -106,6 +106,22 @@ class TeacherStore:
         log(f"teacher store: {self.num_images:,} images × {self.crops} crops × {width} {what} × "
             f"{cfg.dtype} = {format_bytes(size)} (+ crop rows) -> {self.path}")
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._check_recorded_key()
+
+    def _check_recorded_key(self) -> None:
+        """A store folder holds the key it was built for: one copied or renamed into this
+        key's place (another teacher's logits) is refused, not used."""
+        manifest = self.path / "store.json"
+        if not manifest.is_file():
+            return
+        try:
+            recorded = json.loads(manifest.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != self.key:
+            raise DataError(f"teacher store {self.path} records key {recorded!r} in store.json, not {self.key!r}: it "
+                            "was built for another teacher, data or settings (copied or renamed?); move it away and "
+                            "run again to build the right one")
 
     def _shard_paths(self, shard: int) -> list[Path]:
         """The shard's files; the last is written last and marks the shard done."""
@@ -128,7 +144,7 @@ class TeacherStore:
     def build(self, batch_size: int, progress: bool = True) -> None:
         """Compute every missing shard (resumable; one builder at a time)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.path) + ".lock", thread_local=False):
+        with FileLock(lock_file(str(self.path) + ".lock"), thread_local=False):
             for tmp in self.path.glob(".*.tmp"):  # a killed build's partial writes
                 tmp.unlink(missing_ok=True)
             missing = [s for s in range(self.shards) if not self._shard_ok(s)]

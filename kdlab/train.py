@@ -44,6 +44,7 @@ from .runs import (
     atomic_write_json,
     atomic_write_text,
     check_writable_dir,
+    make_dirs,
     file_sha256,
     load_finished_model,
     load_weights,
@@ -119,7 +120,7 @@ def predict_batches(model: nn.Module, data: Dataset, batches, *, features: bool 
         pairs = ctx.gather_batches(list(zip(logits, feats if features else [None] * len(logits))))
         logits, feats = [p[0] for p in pairs], [p[1] for p in pairs]
     logits = torch.cat(logits) if logits else torch.zeros(0)
-    return (logits, torch.cat(feats)) if features else logits
+    return (logits, torch.cat(feats) if feats else torch.zeros(0)) if features else logits
 
 
 def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 1000, **kwargs):
@@ -225,6 +226,12 @@ class _MutualInformationProbe:
         for cls in mi.classes:
             if not 0 <= cls < data.num_classes:
                 raise ConfigError(f"mutual_information.classes: class {cls} is not in 0..{data.num_classes - 1}")
+        counts = [int((data.train_y == cls).sum()) for cls in mi.classes]
+        if min(counts) < mi.per_class:
+            cls = mi.classes[counts.index(min(counts))]
+            raise ConfigError(f"mutual_information.per_class={mi.per_class}: class {cls} has only {min(counts)} "
+                              f"training examples here; set per_class to at most {min(counts)}")
+        for cls in mi.classes:
             idx = torch.nonzero(data.train_y == cls).flatten()
             chosen.append(idx[torch.randperm(len(idx), generator=generator)[: mi.per_class]])
         self.index = torch.cat(chosen)
@@ -423,13 +430,13 @@ def _claim_run_dir(cfg: Config, run_dir: Path, wait_for_lock: bool, log):
     run dir, takes the run's lock (waiting for another process if asked)."""
     if (run_dir / "result.json").is_file():
         return read_json(run_dir / "result.json"), None, None
-    check_writable_dir(cfg.out_dir, "out_dir")
+    check_writable_dir(cfg.out_dir, "out_dir", probe=True)
     if cfg.teacher is not None:
         for key, where in (("teacher.cache.dir", cfg.teacher.cache.dir), ("teacher.store.dir", cfg.teacher.store.dir)):
             if where:
-                check_writable_dir(where, key)
+                check_writable_dir(where, key, probe=True)
     created = _first_missing(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir, "out_dir")
     lock = RunLock(run_dir)
     try:
         lock.acquire(wait=wait_for_lock, log=log)
@@ -448,6 +455,10 @@ def _claim_run_dir(cfg: Config, run_dir: Path, wait_for_lock: bool, log):
 def _check_processes(cfg: Config, data, ctx, device: torch.device) -> None:
     """Multi-process runs: every rank gets rows of every global batch; SyncBatchNorm on GPUs."""
     if not ctx.active:
+        if cfg.sync_batchnorm:
+            raise ConfigError("sync_batchnorm=true: it shares BatchNorm statistics between the processes of a torchrun "
+                              "run, and this is one process; start it with torchrun --nproc_per_node=N, or leave "
+                              "sync_batchnorm off")
         return
     if cfg.sync_batchnorm and device.type != "cuda":
         raise ConfigError("sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only; this run is on the CPU "
@@ -1008,6 +1019,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         y = data.split_labels(split)
         if data.streamed and split == "train" and len(y) > STREAMED_TRAIN_EVAL_MAX:
             continue  # ImageNet-size: 1.28M × 2048 features; analyses use val/test
+        if not len(y):
+            continue  # data.val_size=0: no validation split, no eval_val.npz (analyses then fit nothing on it)
         logits, features = predict_split(model, data, split, cfg.eval_batch_size, features=True, bf16=bf16,
                                          channels_last=cfg.channels_last, ctx=ctx)
         # train: unaugmented, with the (possibly noisy) training labels; features in fp16 to keep it small

@@ -36,6 +36,33 @@ def _umask() -> int:
     return mask
 
 
+def test_every_file_kdlab_writes_has_the_usual_permissions(tmp_path, monkeypatch):
+    """Run dirs, the MNIST-1D cache, the teacher cache and its lock, a tokenizer: 0666 minus
+    the umask (0644), never mkstemp's 0600."""
+    pytest.importorskip("sentencepiece")
+    from test_translation_run import write_corpus
+
+    from kdlab.data.sources import load_mnist1d_arrays
+    from kdlab.data.text import folder_corpus, tokenizer_file
+
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path / "cache"))
+    load_mnist1d_arrays.cache_clear()  # generated (and cached on disk) again, under this cache dir
+    quiet = {"progress": False, "log": lambda *a: None}
+    base = {"out_dir": str(tmp_path / "runs"), "data": {"name": "mnist1d", "num_samples": 500},
+            "model": {"name": "mlp-16"}, "optim": {"epochs": 1}}
+    teacher = train(build_config({**base, "name": "teacher"}), **quiet)
+    train(build_config({**base, "name": "student", "loss": {"alpha": 1.0},
+                        "teacher": {"runs": [teacher["run_dir"]], "cache": {"mode": "full"}}}), **quiet)
+    tokenizer_file(folder_corpus(write_corpus(tmp_path / "text")), 40, tmp_path / "cache" / "tokenizers", log=quiet["log"])
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and "text" not in p.relative_to(tmp_path).parts]
+    kinds = {p.suffix for p in files}
+    assert {".npz", ".lock", ".json", ".yaml", ".pt", ".jsonl", ".model"} <= kinds, kinds
+    assert any("mnist1d" in p.parts for p in files) and any("teacher-logits" in p.name for p in files)
+    wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if stat.S_IMODE(p.stat().st_mode) != 0o666 & ~_umask()}
+    assert not wrong
+
+
 def test_run_lock_is_exclusive_across_processes_and_names_its_holder(tmp_path):
     lock = RunLock(tmp_path)
     lock.acquire()

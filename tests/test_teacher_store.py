@@ -171,3 +171,46 @@ def test_skipped_images_with_a_store_and_in_the_final_evaluation(setup, tmp_path
         with np.load(Path(result["run_dir"]) / f"eval_{split}.npz") as arrays:
             assert len(arrays["logits"]) == len(arrays["labels"]) == len(arrays["features"])
     assert "evaluated as black images" in capsys.readouterr().err
+
+
+def test_a_store_copied_into_another_keys_place_or_a_directory_at_its_lock_is_refused(setup, tmp_path, capsys):
+    """A store holds the key it was built for (store.json): one copied into another
+    teacher's keyed folder is refused, not read as that teacher's logits; a directory where
+    the store's lock file goes is a one-line error, not IsADirectoryError."""
+    import shutil
+
+    from kdlab.cli import main
+    from kdlab.errors import DataError, RunError
+
+    root, teacher_dir, _ = setup
+    data = load_dataset(_config(root, tmp_path).data)
+    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
+    quiet = {"log": lambda *a: None}
+    built = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, seed=0), tmp_path, **quiet)
+    built.build(batch_size=64, progress=False)
+    other = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, seed=1), tmp_path, **quiet)  # another key
+    assert other.key != built.key and not other.path.exists()
+    shutil.copytree(built.path, other.path)
+    with pytest.raises(DataError, match=f"records key '{built.key}'.*not '{other.key}'"):
+        TeacherStore(teachers, data, TeacherStoreConfig(crops=2, seed=1), tmp_path, **quiet)
+    shutil.rmtree(other.path)
+    Path(str(other.path) + ".lock").mkdir()
+    with pytest.raises(RunError, match=r"\.lock is a directory"):
+        TeacherStore(teachers, data, TeacherStoreConfig(crops=2, seed=1), tmp_path, **quiet).build(64, False)
+    data.close()
+    # through the command line: a student whose store folder holds another key's store
+    cfg = _config(root, tmp_path / "runs", name="student", loss={"alpha": 1.0},
+                  teacher={"runs": [str(teacher_dir)], "store": {"crops": 2, "seed": 1,
+                                                                 "dir": str(tmp_path / "stores")}})
+    student_store = TeacherStore(teachers, load_dataset(cfg.data), cfg.teacher.store, tmp_path, **quiet)
+    shutil.copytree(built.path, student_store.path)
+    code = main(["train", "--no-progress", str(_yaml(cfg, tmp_path))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdlab: error: teacher store") and err.count("\n") == 1, err
+    assert not cfg.run_dir().exists()
+
+
+def _yaml(cfg, tmp_path) -> Path:
+    path = tmp_path / "student.yaml"
+    path.write_text(cfg.to_yaml())
+    return path

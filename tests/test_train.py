@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,24 @@ def test_eval_every_skips_evaluation_but_not_the_last_epoch(tmp_path):
     metrics = read_metrics(result["run_dir"])
     assert ["test_acc" in m for m in metrics] == [False, True, True]
     assert "test_acc" in result["final"]
+
+
+def test_no_validation_split_trains_and_analyses_without_one(tmp_path, teacher, capsys):
+    """data.val_size=0: no validation metrics and no eval_val.npz (it used to train and then
+    fail in torch.cat); a student of it and the analysis run as usual."""
+    from kdlab.analysis.analyze import analyze_run
+
+    quiet = {"progress": False, "log": lambda *a: None}
+    result = train(_digits(tmp_path, data={"name": "digits", "val_size": 0}, optim={"epochs": 2}), **quiet)
+    run_dir = result["run_dir"]
+    assert not any(k.startswith("val_") for m in read_metrics(run_dir) for k in m)
+    assert "test_acc" in result["final"] and not any(k.startswith("val_") for k in result["final"])
+    assert not (Path(run_dir) / "eval_val.npz").exists() and (Path(run_dir) / "eval_train.npz").is_file()
+    student = train(_digits(tmp_path, name="student", data={"name": "digits", "val_size": 0}, loss={"alpha": 1.0},
+                            teacher={"runs": [teacher["run_dir"]]}, optim={"epochs": 1}), **quiet)
+    assert "test_agreement" in student["final"]
+    report = analyze_run(run_dir, n_bootstrap=5, figures=False, log=lambda *a: None)
+    assert "calibration_test" in report and "temperature_scaling" not in report
 
 
 def test_mutual_information_probe_leaves_training_unchanged(tmp_path):

@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -178,16 +177,11 @@ def _read_mnist1d_cache(path: Path, num_samples: int):
 def _write_mnist1d_cache(path: Path, arrays) -> None:
     """Write atomically (a unique temporary file, then rename): concurrent runs may race, each
     writes identical bytes and the last rename wins. An unwritable cache only costs time."""
+    from ..runs import atomic_save_npz  # (0644 like every file kdlab writes; mkstemp alone makes 0600)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **dict(zip(_MNIST1D_KEYS, arrays)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_npz(path, **dict(zip(_MNIST1D_KEYS, arrays)))
     except OSError:
         pass
 

@@ -224,7 +224,9 @@ def tokenizer_file(corpus: Corpus, vocab_size: int, directory: Path | None = Non
         from filelock import FileLock
 
         directory.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(directory / f"spm-{key}.lock")):
+        from ..runs import lock_file
+
+        with FileLock(lock_file(directory / f"spm-{key}.lock")):
             if not model.is_file():  # another process may have trained it while we waited
                 log(f"training a {vocab_size}-piece sentencepiece model on {len(corpus.splits['train']):,} pairs "
                     f"-> {model}")
