@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RunError
-from ..runs import atomic_write_json, check_writable_dir, load_run_config, read_json, read_metrics, torch_load
+from ..errors import ConfigError, RunError
+from ..runs import atomic_write_json, check_writable_dir, load_run_config, make_dirs, read_json, read_metrics, torch_load
 from . import plots
-from .calibration import calibration_report, expected_calibration_error, fit_temperature
+from .calibration import calibration_report, check_bootstrap_memory, expected_calibration_error, fit_temperature
 from .logits import (
     equivalent_smoothing,
     feature_norms,
@@ -86,8 +86,13 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
     out_dir = Path(out_dir) if out_dir else run_dir / "analysis"
     check_writable_dir(out_dir, "--out")
     result = read_json(run_dir / "result.json")
+    teacher_result = read_json(teacher_dir / "result.json") if teacher_dir else None
     if "token_calibration" in result:  # a translation run: token rows, no logits dump (kdlab/translate.py)
         from .translation import analyze_translation_run
+
+        if teacher_dir:
+            raise ConfigError(f"--teacher {teacher_dir}: the analysis of a translation run compares no teacher "
+                              "(its token metrics against the teacher are in metrics.jsonl); leave --teacher out")
 
         return analyze_translation_run(run_dir, classes, out_dir, n_bootstrap, figures, log)
     cfg = load_run_config(run_dir)
@@ -95,7 +100,12 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
     evals = {split: _load_eval(run_dir, split) for split in ("train", "val", "test")}
     if evals["test"] is None:
         raise RunError(f"{run_dir}: no eval_test.npz")
+    check_bootstrap_memory(n_bootstrap, len(evals["test"]["labels"]))
     teacher_evals = {s: _load_eval(teacher_dir, s) for s in ("train", "val", "test")} if teacher_dir else {}
+    if teacher_dir and (teacher_evals["test"] is None or "token_calibration" in teacher_result):
+        kind = "a translation run" if "token_calibration" in teacher_result else "a run without eval_test.npz"
+        raise ConfigError(f"--teacher {teacher_dir} is {kind}, not a classifier evaluated on {run_dir.name}'s data "
+                          f"({teacher_result.get('dataset')} vs {result.get('dataset')})")
     for split, t in teacher_evals.items():
         own = evals[split]
         if t is not None and own is not None:
@@ -168,7 +178,8 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
                                         "first": mi[0]["mutual_information"], "last": mi[-1]["mutual_information"],
                                         "bound_log_n": float(np.log(cfg.mutual_information.per_class * 2))}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out_dir, "--out", probe=True)
+    make_dirs(out_dir, "--out")
     if figures:
         report["figures"] = _figures(report, evals, all_projections, out_dir, run_dir.name, teacher_dir)
     atomic_write_json(out_dir / "analysis.json", report)

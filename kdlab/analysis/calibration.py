@@ -149,10 +149,33 @@ CALIBRATION_METRICS: dict[str, Callable] = {
 }
 
 
+def bootstrap_bytes(n_resamples: int, rows: int) -> int:
+    """Memory of :func:`bootstrap_interval`: its resample index matrix (int64) and the values."""
+    return n_resamples * (8 * rows + 32)
+
+
+def check_bootstrap_memory(n_resamples: int, rows: int, limit_bytes: int | None = None) -> None:
+    """A one-line error, before any work, when the bootstrap would not fit in memory
+    (default limit: 90% of physical memory)."""
+    from ..errors import ConfigError
+    from ..runs import system_memory_bytes
+
+    if limit_bytes is None:
+        total = system_memory_bytes()
+        limit_bytes = int(0.9 * total) if total else None
+    need = bootstrap_bytes(n_resamples, rows)
+    if limit_bytes is not None and need > limit_bytes:
+        most = max(1, limit_bytes // (8 * rows + 32))
+        raise ConfigError(f"--bootstrap {n_resamples}: {n_resamples:,} resamples of {rows:,} rows would need "
+                          f"~{need / 1e9:,.3g} GB, above the {limit_bytes / 1e9:,.3g} GB limit (90% of memory); "
+                          f"use at most {most:,} (the default is 200)")
+
+
 def bootstrap_interval(metric: Callable, logits, labels, n_resamples: int = 1000, level: float = 0.95,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric`` over examples resampled with replacement."""
     logits, labels = np.asarray(logits), np.asarray(labels)
+    check_bootstrap_memory(n_resamples, len(labels))
     rng = np.random.default_rng(seed)
     values = [metric(logits[idx], labels[idx]) for idx in rng.integers(0, len(labels), (n_resamples, len(labels)))]
     low, high = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])

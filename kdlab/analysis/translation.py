@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunError
-from ..runs import atomic_write_json, read_json, torch_load
+from ..runs import atomic_write_json, check_writable_dir, make_dirs, read_json, torch_load
 from . import plots
 from .calibration import ece_of_confidence, token_calibration_report
 from .representations import project_templates
@@ -117,7 +117,8 @@ def analyze_translation_run(run_dir: Path, classes=None, out_dir=None, n_bootstr
                              for chosen, panels in all_projections]
     report["projection"] = report["projections"][0]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out_dir, "--out", probe=True)
+    make_dirs(out_dir, "--out")
     if figures:
         label = run_dir.name
         figs = {"reliability": str(plots.reliability_diagram(
