@@ -243,23 +243,95 @@ def _parse(argv: list[str] | None):
     return args
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a job scheduler, or torchrun stopping the ranks after one ended): unwinds
+    like Ctrl-C, so the run's lock, loader workers and an empty run dir are cleaned up."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _torchrun() -> tuple[int, int] | None:
+    """(rank, world size) under torchrun, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else None
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "Socket Timeout", "Timed out", "recvBytes", "failed to recv", "ProcessGroupNCCL")
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """A collective failed because another process of the run is gone (gloo or NCCL)."""
+    import torch.distributed as dist
+
+    return isinstance(err, getattr(dist, "DistError", ())) or (
+        isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_LOST))
+
+
+def _error(message: str, code: int) -> int:
+    """``kdlab: error: MESSAGE`` on stderr; under torchrun also in the rank's error file,
+    so torchrun's own failure report shows this line instead of "To enable traceback see"."""
+    line = f"kdlab: error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and _torchrun() is not None:
+        import json
+        import time
+
+        try:
+            with open(error_file, "w") as handle:
+                json.dump({"message": line, "timestamp": int(time.time())}, handle)
+        except OSError:
+            pass
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     # a config path given as "key=value" is an override: `kdlab train loss.tau=3`
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = None
+    import signal
+    import threading
+
+    handled = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if handled else None
+    torchrun = _torchrun()
+    resume = "run the same torchrun command again to resume" if torchrun else "run the same command again to resume"
     try:
         return args.func(args)
     except KdlabError as err:
-        print(f"kdlab: error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err), 2)
     except KeyboardInterrupt:
-        print("kdlab: interrupted (the last finished epoch is checkpointed; run again to resume)", file=sys.stderr)
+        print(f"kdlab: interrupted (the last checkpoint is kept; {resume})", file=sys.stderr)
         return 130
+    except _Terminated:
+        if torchrun is not None:
+            rank, world = torchrun
+            who = f"rank {1 - rank}" if world == 2 else "another rank"
+            return _error(f"rank {rank}: stopped by SIGTERM: torchrun stops every rank when one ends ({who} of this "
+                          f"{world}-process run?) or the job was cancelled — torchrun's report says which; the last "
+                          f"checkpoint is kept: {resume}", 143)
+        print(f"kdlab: stopped by SIGTERM (the last checkpoint is kept; {resume})", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # `kdlab reproduce --list | head`: the reader left, not an error
         sys.stderr.close()
         return 0
+    except Exception as err:
+        if torchrun is None or not _peer_lost(err):
+            raise
+        rank, world = torchrun
+        who = f"rank {1 - rank}" if world == 2 else "another rank"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = reason.split("] ", 1)[-1].split(". ", 1)[0]  # (gloo: "[file:line] what. advice ...")
+        return _error(f"rank {rank}: lost {who} of this {world}-process run ({reason}): it died or was killed; the "
+                      f"last checkpoint is kept: {resume}", 1)
+    finally:
+        if handled:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ when its parent dies (Linux ``PR_SET_PDEATHSIG``) and also watches its parent's 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 from concurrent.futures.process import BrokenProcessPool
 import ctypes
 import multiprocessing
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, KdlabError, RunError
 from .recipes import Recipe, expand
-from .runs import RunLock, atomic_write_json, check_writable_dir, read_json
+from .runs import RunLock, atomic_write_json, check_writable_dir, make_dirs, read_json
 
 
 def _lock_messages(message: str) -> None:
@@ -101,6 +102,28 @@ def _init_worker(threads: int, parent_pid: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """A Ray cluster address (``HOST:PORT`` of its GCS, ``ray://HOST:PORT`` of a Ray
+    client server) answers a TCP connection within ``timeout_s``: a one-line error
+    otherwise, before Ray spends ~20 s retrying. ``auto`` is left to Ray."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--address {address!r}: give the cluster as HOST:PORT (its GCS, e.g. 10.0.0.5:6379) or "
+                          "ray://HOST:PORT (a Ray client server), or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({reason} within {timeout_s:g} s); "
+                          "check the address and that `ray start --head` runs on that machine") from None
+
+
 def unique_runs(runs: list) -> tuple[list, int]:
     """The grid without repeated configs (same run dir), first occurrence kept, and how
     many collapsed into others."""
@@ -141,11 +164,14 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}: use local or ray")
+    if executor == "ray" and address:
+        check_ray_address(address)
     check_writable_dir(out_dir, "--out")
     try:
         check_data(runs)
     except KdlabError as err:
         raise ConfigError(f"recipe {recipe.id} ({scale}): {err}") from None
+    check_writable_dir(out_dir, "--out", probe=True)  # (everything checked: the runs write next)
     started = time.perf_counter()
     status: dict[str, str] = {}
     done = sum((r.run_dir / "result.json").is_file() for r in runs)
@@ -205,7 +231,7 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     }
     previous = read_json(out_dir / "sweep.json") if (out_dir / "sweep.json").is_file() else {}
     manifest["wall_time_total_s"] = previous.get("wall_time_total_s", 0.0) + wall
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir, "--out")
     atomic_write_json(out_dir / "sweep.json", manifest)
     failed = sum(s == "failed" for s in status.values())
     log(f"{recipe.id} ({scale}): {sum(s == 'done' for s in status.values())}/{len(runs)} done, {failed} failed, "
@@ -282,7 +308,13 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = {"address": address} if address else {"num_cpus": max(workers * scale_spec.cpus_per_run, 1)}
-        ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+        try:
+            with _quiet_stderr(address is not None):  # a failing join retries for ~20 s, a line per second
+                ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+        except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
+            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"could not start or join {where}: {reason}") from None
     processes = scale_spec.processes_per_run
     if processes > 1:  # N GPUs per run: one torchrun of N processes inside a task that holds them
         _check_gpus_per_node(ray, scale_spec.gpus_per_run)
@@ -293,6 +325,32 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
     task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config)
     return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run)), \
         (lambda aborted=False: ray.shutdown() if started_here else None)
+
+
+@contextlib.contextmanager
+def _quiet_stderr(enabled: bool):
+    """Hold back what is written to file descriptor 2 (Ray's C++ core logs there) while
+    joining a cluster; shown if the join succeeds, dropped if it fails (the error says why)."""
+    if not enabled:
+        yield
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            raise
+        else:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+        finally:
+            os.close(saved)
 
 
 def _check_gpus_per_node(ray, gpus: float) -> None:

@@ -241,6 +241,68 @@ def _both(*setups):
     return setup
 
 
+def _free_port(tmp: Path) -> dict:
+    """A local TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return {"port": str(sock.getsockname()[1])}
+
+
+def _legacy_pickles(tmp: Path) -> dict:
+    """A plain pickle and torch's legacy (non-zip) format, given where torch files go."""
+    (tmp / "plain.pt").write_bytes(pickle.dumps({"fc.weight": np.zeros(3)}))
+    torch.save({"fc.weight": torch.zeros(3)}, tmp / "legacy.pt", _use_new_zipfile_serialization=False)
+    return {"plain": str(tmp / "plain.pt"), "legacy": str(tmp / "legacy.pt")}
+
+
+def _lock_dir(tmp: Path) -> dict:
+    """A directory where the run's lock file would go."""
+    cfg = build_config(apply_overrides_for(BASE, tmp / "out"))
+    (cfg.run_dir() / ".lock").mkdir(parents=True)
+    return {}
+
+
+def apply_overrides_for(base: list[str], out: Path) -> dict:
+    from kdlab.config import apply_overrides
+
+    return apply_overrides({}, [b.format(out=out) for b in base])
+
+
+def _as_teacher(kind: str):
+    """A copy of the finished fixture run posing as another kind of run: ``translation``
+    (result.json with token calibration, no eval_*.npz) or ``no-evals``."""
+
+    def setup(tmp: Path) -> dict:
+        import json
+        import shutil
+
+        fixture = next(Path(p) for p in _FIXTURE_RUNS)
+        other = tmp / f"{kind}-run"
+        shutil.copytree(fixture, other)
+        for eval_file in other.glob("eval_*.npz"):
+            eval_file.unlink()
+        if kind == "translation":
+            result = json.loads((other / "result.json").read_text())
+            result.update(dataset="translation", token_calibration={"tokens": 10})
+            (other / "result.json").write_text(json.dumps(result))
+        return {"other": str(other)}
+
+    return setup
+
+
+_FIXTURE_RUNS: list[str] = []  # the finished fixture run (filled by the fixture, read by setups)
+
+
+def _recipe_with_duplicate_key(tmp: Path) -> dict:
+    path = tmp / "dup.yaml"
+    path.write_text("id: dup\ntitle: t\nsource: s\nscales:\n  quick:\n    stages:\n      - name: a\n"
+                    "        config: {data: {name: digits}, model: {name: mlp-16}, optim: {epochs: 1}}\n"
+                    "title: again\n")
+    return {"dup": str(path)}
+
+
 ROOT_IGNORES_PERMISSIONS = pytest.mark.skipif(IS_ROOT, reason="root ignores directory permissions")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
 TEACHER = ("loss.alpha=1", "teacher.runs=[{finished}]")
@@ -452,6 +514,45 @@ CASES = [
     Case("demo-student-epochs-0", ["demo", "--out", "{out}/demo", "--teacher-epochs", "1", "--student-epochs", "0",
                                    "--no-progress"], ("epochs",)),
     Case("demo-seeds-0", ["demo", "--out", "{out}/demo", "--seeds", "0", "--no-progress"], ("--seeds",)),
+    # --- issue 20: accepted silently before, or a traceback after training -------------------------
+    Case("milestones-decreasing", T("optim.milestones=[4,2]"), ("optim.milestones", "[4, 2]")),
+    Case("milestones-negative", T("optim.milestones=[-3]"), ("optim.milestones", "[-3]")),
+    Case("crop-scale-above-1", T("data.crop_scale=[2.0,3.0]"), ("data.crop_scale", "at most 1")),
+    Case("store-top-k-with-store-off", T(*TEACHER, "teacher.store.top_k=3"), ("top_k", "teacher.store.crops")),
+    Case("sync-batchnorm-without-torchrun", T("sync_batchnorm=true"), ("sync_batchnorm", "torchrun")),
+    Case("mi-same-class-twice", T("mutual_information.every_steps=5", "mutual_information.classes=[3,3]"),
+         ("mutual_information.classes", "[3, 3]")),
+    Case("mi-per-class-above-the-data", T("mutual_information.every_steps=5", "mutual_information.per_class=1000"),
+         ("mutual_information.per_class=1000", "only")),
+    Case("yaml-duplicate-key", TC("{dup}"), ("dup.yaml", "duplicate key 'lr'", "line 2", "line 4"),
+         setup=_text("dup.yaml", "optim:\n  lr: 0.1\n  epochs: 1\n  lr: 0.5\n")),
+    Case("yaml-duplicate-section", TC("{dup}"), ("dup.yaml", "duplicate key 'optim'"),
+         setup=_text("dup.yaml", "optim: {lr: 0.1}\ndata: {name: digits}\noptim: {epochs: 1}\n")),
+    Case("recipe-duplicate-key", ["sweep", "{dup}", "--out", "{out}/sweep", "--no-progress"],
+         ("dup.yaml", "duplicate key 'title'"), setup=_recipe_with_duplicate_key),
+    Case("pretrained-plain-pickle", T("model.pretrained_path={plain}"), ("plain.pt",), setup=_legacy_pickles),
+    Case("pretrained-legacy-torch-file", T("model.pretrained_path={legacy}"), ("legacy.pt",), setup=_legacy_pickles),
+    Case("run-lock-is-a-directory", T(), (".lock", "is a directory"), setup=_lock_dir, dir_mtimes=False),
+    Case("out-dir-in-proc", T("out_dir=/proc/kdlab-test/runs"), ("out_dir", "/proc")),
+    Case("out-dir-in-sys", T("out_dir=/sys/kernel/kdlab-test"), ("out_dir", "/sys")),
+    Case("sweep-out-in-proc", ["sweep", "{recipe}", "--out", "/proc/kdlab-test/sweep", "--no-progress"],
+         ("--out", "/proc"), setup=_recipe_only_quick),
+    Case("analyze-out-in-sys", ["analyze", "{finished}", "--out", "/sys/kernel/kdlab-test", "--bootstrap", "5"],
+         ("--out", "/sys")),
+    Case("analyze-bootstrap-huge", ["analyze", "{finished}", "--bootstrap", "100000000"],
+         ("--bootstrap 100000000", "GB"), max_seconds=20),
+    Case("analyze-teacher-of-translation", ["analyze", "{finished}", "--teacher", "{other}", "--bootstrap", "5"],
+         ("--teacher", "translation run"), setup=_as_teacher("translation")),
+    Case("analyze-teacher-without-evals", ["analyze", "{finished}", "--teacher", "{other}", "--bootstrap", "5"],
+         ("--teacher", "without eval_test.npz"), setup=_as_teacher("no-evals")),
+    Case("analyze-translation-run-with-teacher", ["analyze", "{other}", "--teacher", "{finished}", "--bootstrap", "5"],
+         ("--teacher", "translation run"), setup=_as_teacher("translation")),
+    Case("sweep-ray-address-not-answering", ["sweep", "{recipe}", "--executor", "ray", "--address", "127.0.0.1:{port}",
+                                             "--out", "{out}/sweep", "--no-progress"],
+         ("--address", "no Ray cluster answers"), setup=_both(_recipe_only_quick, _free_port), max_seconds=15),
+    Case("sweep-ray-address-malformed", ["sweep", "{recipe}", "--executor", "ray", "--address", "somewhere",
+                                         "--out", "{out}/sweep", "--no-progress"],
+         ("--address", "HOST:PORT"), setup=_recipe_only_quick),
     Case("unknown-command", ["bogus-command"], ("bogus-command",)),
     Case("no-command", [], ("command",)),
 ]
@@ -459,7 +560,7 @@ CASES = [
 # run again as real `python -m kdlab` processes: one of each way an error reaches the user
 # (argparse, ConfigError, DataError, RunError in training, YAML, analyze)
 SUBPROCESS_CASES = {"unknown-key", "unknown-flag", "idx-bad-magic", "yaml-python-tag", "loss-not-finite-in-epoch-1",
-                    "analyze-no-such-dir"}
+                    "analyze-no-such-dir", "pretrained-legacy-torch-file", "sweep-ray-address-not-answering"}
 
 
 def _params(cases):
@@ -511,6 +612,7 @@ def runs(tmp_path_factory):
     unfinished = unfinished_cfg.run_dir()
     assert (unfinished / "config.yaml").is_file() and not (unfinished / "result.json").exists()
     _age(root)
+    _FIXTURE_RUNS[:] = [str(finished)]
     return {"runs": str(root), "finished": str(finished), "unfinished": str(unfinished)}
 
 

@@ -109,6 +109,10 @@ def test_killed_mid_epoch_with_two_processes_resumes_with_two_or_one(tmp_path):
         cfg = _config(tmp_path / f"killed-{resumed_with}", checkpoint_every_steps=3)
         done = _run(cfg, tmp_path, 2, env=dict(ENV, KDLAB_TEST_KILL_IN_WRITE="checkpoint.pt:4"), expect_ok=False)
         assert done.returncode != 0 and "SIGKILL" in done.stderr + done.stdout
+        # the survivor says so in one kdlab line (stopped by torchrun, or the lost peer), no traceback of its own
+        ours = [line for line in done.stderr.splitlines() if line.startswith("kdlab: error:")]
+        assert len(ours) == 1 and ours[0].startswith("kdlab: error: rank 1: ") and "resume" in ours[0], done.stderr
+        assert done.stderr.count("Traceback") == 1 and "ChildFailedError" in done.stderr  # torchrun's own, alone
         state = torch.load(cfg.run_dir() / "checkpoint.pt", weights_only=True)
         assert state["step_in_epoch"] == 9 and state["epoch"] == 0 and state["partial"]["seen"] == 9 * 64
         done = _run(cfg, tmp_path, resumed_with)
@@ -134,6 +138,41 @@ def test_a_problem_rank_0_finds_stops_every_rank_with_one_line(tmp_path):
     done = _run(sync, tmp_path, 2, expect_ok=False)
     assert "sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only" in done.stderr
     assert not sync.run_dir().exists()
+    # one line per rank, and torchrun's own report shows it (the rank's error file) instead of a bare exit code
+    assert done.stderr.count("kdlab: error: sync_batchnorm=true") >= 3, done.stderr  # each rank + the report
+    assert "traceback : kdlab: error: sync_batchnorm=true" in done.stderr and done.stderr.count("Traceback") == 1
+
+
+def test_a_lost_peer_under_torchrun_is_one_line_naming_it(monkeypatch, capsys):
+    """What a surviving rank prints when a collective fails because the other process died
+    (gloo's error, as it reaches kdlab), and when torchrun stops it with SIGTERM."""
+    import signal
+
+    import kdlab.cli as cli
+
+    def lose_peer(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:36077")
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    for fn, code, fragments in ((lose_peer, 1, ("rank 0: lost rank 1 of this 2-process run (Connection closed by peer",
+                                                 "run the same torchrun command again to resume")),
+                                (terminated, 143, ("rank 0: stopped by SIGTERM", "torchrun"))):
+        monkeypatch.setattr(cli, "_cmd_configs", fn)
+        assert cli.main(["configs"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith("kdlab: error: ") and err.count("\n") == 1, err
+        assert all(f in err for f in fragments), err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    monkeypatch.setattr(cli, "_cmd_configs", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not a lost peer: the traceback is kept
+        cli.main(["configs"])
 
 
 def test_the_ray_task_of_a_multi_gpu_run_is_a_torchrun(tmp_path):
