@@ -1,4 +1,5 @@
-"""The ``kdlab`` command: ``train``, ``configs``, ``models``, ``analyze``, ``sweep``, ``report``, ``reproduce``, ``demo``.
+"""The ``kdlab`` command: ``train``, ``configs``, ``models``, ``analyze``, ``translate``, ``sweep``, ``report``,
+``reproduce``, ``demo``.
 
 Bad input (config, data, teacher, command line) prints one line ``kdlab: error: ...``
 and exits 2.
@@ -110,6 +111,25 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _cmd_translate(args) -> int:
+    """Decode a finished translation run again with other settings, without training
+    (decoding settings are not part of the run hash): RUN_DIR/decode/SETTINGS/ gets the
+    translations and bleu.json; the run's own outputs stay as they are."""
+    from .translate import decode_run
+
+    temperatures = None
+    if args.temperatures is not None:
+        try:
+            temperatures = [float(t) for t in args.temperatures.split(",")]
+        except ValueError:
+            raise ConfigError(f"--temperatures takes comma-separated numbers like 0.5,1,2, got {args.temperatures!r}") \
+                from None
+    decode_run(args.run_dir, beam=args.beam, alpha=args.alpha, extra_length=args.extra_length,
+               temperatures=temperatures, temperature_sentences=args.temperature_sentences, split=args.split,
+               device=args.device, memory_limit_gb=args.memory_limit_gb, progress=not args.no_progress)
+    return 0
+
+
 def _sweep_args(p, with_recipe=True):
     if with_recipe:
         p.add_argument("recipe", nargs="?", help="recipe id (`kdlab reproduce --list`) or a YAML path")
@@ -210,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
     p.set_defaults(func=_cmd_analyze)
+    p = sub.add_parser("translate", help="decode a finished translation run again (beam, length penalty, "
+                       "temperatures) without training; writes RUN_DIR/decode/SETTINGS/")
+    p.add_argument("run_dir")
+    p.add_argument("--beam", type=int, help="beam width; 0 or 1: greedy (default: the run's decode.beam)")
+    p.add_argument("--alpha", type=float, help="length penalty exponent (default: the run's decode.alpha)")
+    p.add_argument("--extra-length", type=int, help="decode at most source length + this many tokens "
+                   "(default: the run's decode.extra_length)")
+    p.add_argument("--temperatures", metavar="T1,T2,...", help="also validation BLEU of beam search with the logits "
+                   "divided by each T (needs --beam >= 2; default: none)")
+    p.add_argument("--temperature-sentences", type=int, metavar="N", help="the first N validation sentences for "
+                   "--temperatures (default: the run's decode.temperature_sentences, else all)")
+    p.add_argument("--split", choices=["val", "test"], default="test", help="the split decoded (default test)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's device setting)")
+    p.add_argument("--memory-limit-gb", type=float, help="refuse a beam search estimated above this (default: the "
+                   "run's memory_limit_gb, else 90%% of the device's memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_translate)
     p = sub.add_parser("sweep", help="run every run of a recipe (resumable; skips finished runs)")
     _sweep_args(p)
     p.set_defaults(func=_cmd_sweep)

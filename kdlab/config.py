@@ -287,8 +287,13 @@ class MutualInformationConfig(_Strict):
 
 
 class DecodeConfig(_Strict):
+    """How a translation run decodes at its end. Not part of the run hash: decoding is not
+    training, and ``kdlab translate RUN --beam N ...`` decodes a finished run again with
+    other settings (into RUN/decode/), without training it again."""
+
     beam: int = Field(4, ge=0, description="translation: beam width of the final test-set BLEU (t2t: 4); 0 = greedy "
-                      "only (greedy BLEU is always reported)")
+                      "only (greedy BLEU is always reported). The decode section is not part of the hash: "
+                      "`kdlab translate RUN --beam N` decodes a finished run again")
     alpha: float = Field(0.6, ge=0, description="translation: GNMT length penalty ((5 + |y|) / 6)^α (t2t: 0.6)")
     extra_length: int = Field(50, ge=1, description="translation: decode at most source length + this many tokens "
                               "(t2t: 50)")
@@ -388,7 +393,9 @@ class Config(_Strict):
         """8 hex digits of the SHA-256 of the resolved config; out_dir and the teachers'
         parent directories excluded, so a tree of runs can be moved, and the device and
         thread count, so a run started on one machine resumes (or is found finished) on
-        another (both are recorded in meta.json and result.json instead)."""
+        another (both are recorded in meta.json and result.json instead). The decode
+        section is excluded too (decoding is not training: `kdlab translate` decodes a
+        finished run again with other settings)."""
         payload = self.model_dump(mode="json", exclude={"out_dir", "device", "threads", "memory_limit_gb",
                                                         "tensorboard", "checkpoint_every_steps",
                                                         "checkpoint_every_minutes"})
@@ -400,11 +407,8 @@ class Config(_Strict):
         if self.data.name != "translation":  # newer than existing run dirs, and meaningless for images
             for key in _TRANSLATION_DATA_KEYS:
                 del payload["data"][key]
-            del payload["decode"]
-        else:  # newer than the first translation runs
-            for key, off in (("temperatures", []), ("temperature_sentences", None)):
-                if payload["decode"][key] == off:
-                    del payload["decode"][key]
+        # decoding is not training: a finished run decodes again with other settings (`kdlab translate`)
+        del payload["decode"]
         if self.optim.optimizer == "sgd":
             for key in ("optimizer", "betas", "eps"):
                 del payload["optim"][key]

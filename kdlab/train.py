@@ -280,6 +280,12 @@ def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, in
         size = table_bytes(len(data.train_y), data.augmentation.num_views, data.num_classes, cfg.teacher.cache.dtype)
         if size <= cfg.teacher.cache.max_gb * 1e9:  # larger: refused by the cache itself (online teacher)
             items["teacher cache"] = size
+    if data.tokens and cfg.decode.beam > 1:  # the final beam search, while the model state above is still held
+        from .translate import decode_passes_bytes, decoder_size, describe_beam_batch
+
+        size, where = decode_passes_bytes(data, cfg.decode, decoder_size(cfg.model.name, data.num_classes),
+                                          threads=cfg.threads)
+        items[f"decode.beam={cfg.decode.beam} beam search, {describe_beam_batch(where)}"] = size
     return items
 
 
@@ -400,6 +406,10 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
                 raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {finished}")
         if finished is not None:
             log(f"{run_dir}: finished already, nothing to do")
+            decoded = finished.get("decode")
+            if data.tokens and decoded is not None and decoded != cfg.decode.model_dump(mode="json"):
+                warn(f"{run_dir} was decoded with other settings ({decoded}); decoding is not part of the run: "
+                     f"`kdlab translate {run_dir} --beam N ...` decodes it again without training")
             return finished
         return _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log, closers,
                              stop_after_step, ctx)
@@ -603,7 +613,7 @@ def _translation_outputs(cfg: Config, run_dir: Path, model, data, bf16: bool, ct
     the analyses, translations of val and test as text, BLEU. Every rank decodes its share."""
     from .translate import bleu_of, calibration_outputs, translate
 
-    out = {"corpus": data.describe()}
+    out = {"corpus": data.describe(), "decode": cfg.decode.model_dump(mode="json")}  # (not in the hash: as decoded)
     if ctx.main:  # the run's own copy of its subwords: decoding and the analyses need no cache
         try:
             atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())

@@ -165,3 +165,131 @@ def test_analyze_a_translation_run(tmp_path):
     assert again["projection"]["class_names"] == names[::-1]
     with pytest.raises(Exception, match="no piece"):
         analyze_run(run, classes=["▁nope", names[0], names[1]], n_bootstrap=5, figures=False, log=lambda *a: None)
+
+
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    from kdlab.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as err:  # argparse's errors (one line too)
+        code = err.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdlab: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_translate_decodes_a_finished_run_again_without_training(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    result = train(cfg, **QUIET)
+    run = Path(result["run_dir"])
+    assert result["decode"] == {"beam": 2, "alpha": 0.6, "extra_length": 50, "temperatures": [],
+                                "temperature_sentences": None}
+    kept = {name: (run / name).read_bytes() for name in ("result.json", "model.pt", "metrics.jsonl", "config.yaml",
+                                                         "translations_test_beam2.txt", "eval_val_tokens.npz")}
+    files = sorted(p.name for p in run.iterdir())
+
+    # the run's own settings again: the very translations and BLEU the run wrote
+    code, out, err = _cli(["translate", str(run), "--beam", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    same = run / "decode" / "test-beam2-alpha0.6-extra50"
+    assert (same / "translations_test_beam2.txt").read_bytes() == kept["translations_test_beam2.txt"]
+    scored = json.loads((same / "bleu.json").read_text())
+    assert scored["bleu"] == pytest.approx(result["bleu"]["test_beam2"]["bleu"]) and "BLEU (beam2)" in out
+    assert scored["run_hash"] == cfg.run_hash() and scored["signature"] == result["bleu"]["signature"]
+
+    # another beam, a length penalty and the BLEU-against-T curve: new files beside the run's own
+    code, out, err = _cli(["translate", str(run), "--beam", "3", "--alpha", "1", "--temperatures", "0.5,2",
+                           "--temperature-sentences", "10", "--no-progress"], capsys)
+    assert code == 0, err
+    other = run / "decode" / "test-beam3-alpha1-extra50-T0.5_2-first10"
+    lines = (other / "translations_test_beam3.txt").read_text().splitlines()
+    assert len(lines) == 30
+    scored = json.loads((other / "bleu.json").read_text())
+    assert 0 <= scored["bleu"] <= 100 and scored["sentences"] == 30 and scored["kind"] == "beam3"
+    assert scored["decode"] == {"beam": 3, "alpha": 1.0, "extra_length": 50, "temperatures": [0.5, 2.0],
+                                "temperature_sentences": 10}
+    curve = scored["bleu_temperature"]
+    assert curve["temperature"] == [0.5, 2.0] and curve["sentences"] == 10 and len(curve["bleu"]) == 2
+    assert "against T" in out
+    # greedy, on validation
+    code, out, err = _cli(["translate", str(run), "--beam", "0", "--split", "val", "--no-progress"], capsys)
+    assert code == 0, err
+    assert (run / "decode" / "test-beam2-alpha0.6-extra50").is_dir()
+    greedy = run / "decode" / "val-greedy-extra50" / "translations_val_greedy.txt"
+    assert greedy.read_bytes() == (run / "translations_val_greedy.txt").read_bytes()
+
+    # nothing of the run changed, and nothing trained: the same files, byte for byte
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    assert sorted(p.name for p in run.iterdir()) == sorted(files + ["decode"])
+    # decoding is not part of the hash: other decode settings name the same (finished) run
+    again = _config(tmp_path, decode={"beam": 5, "alpha": 1.0, "extra_length": 20, "temperatures": [1.5]})
+    assert again.run_hash() == cfg.run_hash() and again.run_dir() == run
+    assert train(again, **QUIET) == json.loads(kept["result.json"])
+    assert (run / "metrics.jsonl").read_bytes() == kept["metrics.jsonl"]
+
+    # bad input on a finished run: one line, exit 2, nothing written
+    for argv, needles in (
+            (["--beam", "-1"], ["--beam", "-1"]),
+            (["--temperatures", "0,1"], ["--temperatures", "> 0"]),
+            (["--temperatures", "1,x"], ["--temperatures", "1,x"]),
+            (["--beam", "1", "--temperatures", "1"], ["needs beam search"]),
+            (["--alpha", "-0.5"], ["--alpha"]),
+            (["--extra-length", "0"], ["--extra-length"]),
+            (["--temperature-sentences", "0", "--temperatures", "1"], ["--temperature-sentences"]),
+            (["--device", "tpu"], ["--device"]),
+            (["--split", "train"], ["--split"]),
+            (["--beam", "two"], ["--beam"]),
+            (["--beam", "100000", "--memory-limit-gb", "1"], ["--beam 100000", "GB", "limit is 1 GB"])):
+        code, out, err = _cli(["translate", str(run), "--no-progress", *argv], capsys)
+        _one_error_line(code, err, *needles)
+    assert sorted(p.name for p in (run / "decode").iterdir()) == [
+        "test-beam2-alpha0.6-extra50", "test-beam3-alpha1-extra50-T0.5_2-first10", "val-greedy-extra50"]
+
+
+def test_a_beam_search_too_big_for_memory_is_refused_before_training(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    path = tmp_path / "mt.yaml"
+    path.write_text(cfg.to_yaml())
+    code, out, err = _cli(["train", str(path), "decode.beam=100000", "memory_limit_gb=16", "--no-progress"], capsys)
+    _one_error_line(code, err, "decode.beam=100000 beam search", "test sentences × 100,000 beams × 40 pieces",
+                    "limit is 16 GB")
+    assert not (tmp_path / "runs").exists()
+    # the estimate grows with the beam and the vocabulary, and a beam of 2 is far below it
+    from kdlab.data import load_dataset
+    from kdlab.translate import beam_search_bytes, decoder_size
+
+    data = load_dataset(cfg.data)
+    size = decoder_size(cfg.model.name, data.num_classes)
+    small, where = beam_search_bytes(data, "test", 2, 50, size)
+    big, _ = beam_search_bytes(data, "test", 100000, 50, size)
+    assert where["split"] == "test" and where["steps"] <= max(len(s) for s in data.src["test"]) + 50
+    assert 16e9 < big and small < 50e6 and big > 40000 * small
+
+
+def test_translate_refuses_what_is_not_a_finished_translation_run(tmp_path, capsys):
+    code, out, err = _cli(["translate", str(tmp_path / "nowhere")], capsys)
+    _one_error_line(code, err, "does not exist")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    code, out, err = _cli(["translate", str(unfinished)], capsys)
+    _one_error_line(code, err, "no config.yaml")
+    (unfinished / "config.yaml").write_text(_config(tmp_path).to_yaml())
+    code, out, err = _cli(["translate", str(unfinished), "--beam", "2"], capsys)
+    _one_error_line(code, err, "not finished")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "config.yaml").write_text(build_config({}).to_yaml())
+    (images / "result.json").write_text("{}")
+    code, out, err = _cli(["translate", str(images)], capsys)
+    _one_error_line(code, err, "decodes translation runs")
+    assert sorted(p.name for p in unfinished.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in images.iterdir()) == ["config.yaml", "result.json"]
