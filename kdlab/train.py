@@ -32,6 +32,15 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import Dataset, load_dataset
+from .device import (
+    autocast,
+    describe_device,
+    model_device,
+    physical_memory_bytes,
+    resolve_bf16,
+    resolve_device,
+    to_device_layout,
+)
 from .distributed import SINGLE, context_from_env
 from .errors import ConfigError, RunError, warn
 from .losses import distillation_loss, ensemble_logits
@@ -59,46 +68,6 @@ from .teacher_cache import TeacherCache, table_bytes
 from .teacher_store import TeacherStore
 
 
-def resolve_device(name: str, ctx=None) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` -> a usable torch.device, or a one-line error.
-    Under torchrun on CUDA each rank takes ``cuda:LOCAL_RANK``."""
-    if ctx is not None and ctx.active and ctx.backend == "nccl":
-        return torch.device("cuda", ctx.local_rank)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {name!r} asked for, but CUDA is not available to this torch "
-                              f"({torch.__version__}); use device=cpu or device=auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device: {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
-
-
-def resolve_bf16(cfg: Config, device: torch.device) -> bool:
-    """``bf16: auto`` (the default) is bf16 autocast on CUDA and float32 on the CPU."""
-    return cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def _autocast(enabled: bool, device_type: str = "cpu"):
-    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _to_device_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
 @torch.inference_mode()
 def predict_batches(model: nn.Module, data: Dataset, batches, *, features: bool = False, bf16: bool = False,
                     channels_last: bool = False, ctx=None):
@@ -107,11 +76,11 @@ def predict_batches(model: nn.Module, data: Dataset, batches, *, features: bool 
     the outputs are gathered, in batch order, on every rank."""
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     logits, feats = [], []
     for raw in batches:
-        batch = _to_device_layout(data.prepare(raw.to(device)), channels_last)
-        with _autocast(bf16, device.type):
+        batch = to_device_layout(data.prepare(raw.to(device)), channels_last)
+        with autocast(bf16, device.type):
             out = model(batch, return_features=True)
         logits.append(out[0].float().cpu())
         feats.append(out[1].float().cpu())
@@ -131,7 +100,7 @@ def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 
 def predict_split(model: nn.Module, data, split: str, batch_size: int = 1000, ctx=None, **kwargs):
     """``predict_batches`` on a split under its evaluation view (in memory or streamed;
     sharded over the ranks of a multi-process ``ctx``)."""
-    return predict_batches(model, data, data.eval_batches(split, batch_size, _model_device(model), ctx=ctx), ctx=ctx,
+    return predict_batches(model, data, data.eval_batches(split, batch_size, model_device(model), ctx=ctx), ctx=ctx,
                            **kwargs)
 
 
@@ -190,10 +159,10 @@ class _Teachers:
         of a token batch, the logits rows of its target tokens."""
         if self.rows is not None:
             x = tuple(part.to(self.device, non_blocking=True) for part in x)
-            with _autocast(bf16, self.device.type):
+            with autocast(bf16, self.device.type):
                 return ensemble_logits([self.rows(m, x) for m in self.models])
         x = x.to(self.device, non_blocking=True)
-        with _autocast(bf16, self.device.type):
+        with autocast(bf16, self.device.type):
             return ensemble_logits([m(x) for m in self.models])
 
     def predict(self, data: Dataset, split: str, batch_size: int, channels_last: bool = False,
@@ -251,15 +220,6 @@ class _MutualInformationProbe:
 
 
 STREAMED_TRAIN_EVAL_MAX = 100_000  # streamed data: eval_train.npz only up to this many images
-
-
-def physical_memory_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, int]:
@@ -898,11 +858,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             with local:
                 if tokens:  # logits rows of the batch's target tokens (padding dropped)
                     x = raw
-                    with _autocast(bf16, device.type):
+                    with autocast(bf16, device.type):
                         logits = data.forward(train_model, x)
                 else:
-                    x = _to_device_layout(data.prepare(raw), cfg.channels_last)
-                    with _autocast(bf16, device.type):
+                    x = to_device_layout(data.prepare(raw), cfg.channels_last)
+                    with autocast(bf16, device.type):
                         logits = train_model(x)
                 if cache is not None:
                     teacher_logits = cache.lookup(index, views, x)

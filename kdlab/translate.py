@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data.text import EOS
-from .train import _autocast, _model_device
+from .device import autocast, model_device
 
 TEMPERATURE_GRID = tuple(round(0.5 + 0.1 * k, 2) for k in range(21))  # 0.5 .. 2.5
 
@@ -51,13 +51,13 @@ def token_metrics(prefix: str, model, data, split: str, bf16: bool = False, ctx=
     and the sums all-reduced."""
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # rows, nll, correct, logit sum, agree, distance
     for number, sentences in enumerate(data.eval_groups(split)):
         if ctx is not None and ctx.active and number % ctx.world != ctx.rank:
             continue
         x, y = data.batch(split, sentences, device)
-        with _autocast(bf16, device.type):
+        with autocast(bf16, device.type):
             logits = data.forward(model, x).float()
         sums[0] += len(y)
         sums[1] += F.cross_entropy(logits, y, reduction="sum").double()
@@ -85,11 +85,11 @@ def token_outputs(model, data, split: str, sentences: list[int], bf16: bool = Fa
     of ``sentences``, in the order given (sentence by sentence, position by position)."""
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     parts = {}
     for group in data.eval_groups(split, sentences):
         x, _ = data.batch(split, group, device)
-        with _autocast(bf16, device.type):
+        with autocast(bf16, device.type):
             logits, feats = model(*x, return_features=True)
         for row, i in enumerate(group):
             n = len(data.tgt[split][i]) + 1
@@ -156,7 +156,7 @@ def translate(model, data, split: str, beam: int = 0, alpha: float = 0.6, extra_
     multi-process ``ctx`` batches are shared round-robin and gathered."""
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     chosen = list(range(len(data.src[split]))) if sentences is None else list(sentences)
     groups = data.eval_groups(split, chosen)
     mine = [g for n, g in enumerate(groups) if ctx is None or not ctx.active or n % ctx.world == ctx.rank]
@@ -269,7 +269,7 @@ def describe_beam_batch(where: dict) -> str:
 def _decode_limit(memory_limit_gb, device: torch.device) -> float | None:
     """The memory limit as training's check_memory takes it: memory_limit_gb, or 90% of
     the device's physical memory."""
-    from .train import physical_memory_bytes
+    from .device import physical_memory_bytes
 
     if memory_limit_gb:
         return memory_limit_gb * 1e9
@@ -350,7 +350,7 @@ def decode_run(run_dir, *, beam: int | None = None, alpha: float | None = None, 
     from .errors import ConfigError, RunError
     from .runs import atomic_write_json, atomic_write_text, check_writable_dir, load_finished_model, \
         load_run_config, read_json
-    from .train import describe_device, resolve_device
+    from .device import describe_device, resolve_device
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -234,7 +234,7 @@ def s09_ensemble(c: Ctx):
 
 def _images(c: Ctx) -> dict:
     return merge(COMMON, {"data": {"name": "imagefolder", "root": c.input("imagefolder"), "image_size": 16,
-                                   "val_size": 8, "loader_workers": 0},
+                                   "val_size": 8, "loader_workers": 0, "on_bad_image": "skip"},
                           "model": {"name": "mlp-32"}, "eval_batch_size": 20,
                           "optim": {"epochs": 2, "batch_size": 8, "lr": 0.02, "schedule": "cosine"}})
 
@@ -247,6 +247,8 @@ def s10_imagefolder(c: Ctx):
                             "teacher": {"runs": [teacher], "store": {"crops": 2}}}), "store")
     c.train(c.config(base, {"name": "online", "loss": {"alpha": 0.5, "tau": 4.0}, "teacher": {"runs": [teacher]}}),
             "online")
+    c.train(c.config(base, {"name": "topk", "loss": {"alpha": 1.0, "tau": 2.0},
+                            "teacher": {"runs": [teacher], "store": {"crops": 3, "top_k": 2, "seed": 1}}}), "topk")
 
 
 def s11_translation(c: Ctx):
@@ -271,6 +273,15 @@ def s12_torchrun(c: Ctx):
         port = sock.getsockname()[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                     f"--master_port={port}", "-m", "kdlab", "train", path, "--no-progress"], check=True, timeout=300)
+    # a KD student of that teacher under torchrun, checkpointed mid-epoch
+    student = c.write_yaml(merge(DIGITS, {"out_dir": str(c.dir / "runs"), "name": "student",
+                                          "loss": {"alpha": 0.7, "tau": 4.0}, "checkpoint_every_steps": 4,
+                                          "teacher": {"runs": [c.teacher(c.name)]}}), "student.yaml")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                    f"--master_port={port}", "-m", "kdlab", "train", student, "--no-progress"], check=True, timeout=300)
 
 
 def s13_bf16(c: Ctx):
@@ -324,13 +335,15 @@ SCENARIOS = [
     Scenario("09-ensemble", s09_ensemble, "ensemble of two teachers (mean logits), KL τ=2 with max scaling",
              ("01-teacher",)),
     Scenario("10-imagefolder", s10_imagefolder, "streamed image folder (PNG/JPEG, RandomResizedCrop rows, 0 loader "
-             "workers): teacher, student with a teacher store (2 crops, fp16), student with an online teacher",
+             "workers, one unreadable image skipped): teacher, student with a teacher store (2 crops, fp16), student "
+             "with an online teacher, student with a top-2 store",
              inputs=("imagefolder",), modules=("PIL",)),
     Scenario("11-translation", s11_translation, "translation: token rows, Adam + inverse_sqrt, smoothing, "
              "sentencepiece in KDLAB_CACHE, token calibration arrays, greedy + beam-2 translations, BLEU; "
              "word-level KD student (τ=∞)", inputs=("corpus",), modules=("sentencepiece", "sacrebleu")),
     Scenario("12-torchrun", s12_torchrun, "2-process torchrun (gloo) of scenario 1's config through the CLI: "
-             "sharded batches, DDP, all-reduced sums, gathered eval"),
+             "sharded batches, DDP, all-reduced sums, gathered eval; a KD student of it under torchrun with "
+             "mid-epoch checkpoints"),
     Scenario("13-bf16", s13_bf16, "bf16 autocast on the CPU (student and online teacher), losses in float32",
              ("01-teacher",)),
     Scenario("14-channels-last", s14_channels_last, "CIFAR pickles, crop_flip, wrn-10-1 (BatchNorm) in "
@@ -387,6 +400,8 @@ def write_image_folder(root: Path, train_per_class=10, val_per_class=3, classes=
                 width, height = size + int(rng.integers(0, size // 2)), size + int(rng.integers(0, size // 3))
                 image = Image.fromarray(images[i]).resize((width, height), Image.BILINEAR).convert("RGB")
                 image.save(folder / f"{split}_{i:04d}{'.png' if k % 2 == 0 else '.jpg'}")
+    # one unreadable training image: runs on this folder set data.on_bad_image=skip
+    (root / "train" / "class_01" / "train_9999.jpg").write_bytes(b"\xff\xd8\xff not a JPEG")
 
 
 ENGLISH = "zero one two three four five six seven eight nine".split()
