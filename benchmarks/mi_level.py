@@ -3,7 +3,7 @@
     python benchmarks/mi_level.py RUN_DIR [RUN_DIR ...] [--repeats 20] [--no-init] [--out DIR]
 
 For each finished run that logged the probe (``mutual_information.every_steps > 0``) it
-rebuilds the probe with kdlab's own code (``kdlab.train._MutualInformationProbe``: the
+rebuilds the probe with kdlab's own code (``kdlab.training.probes.MutualInformationProbe``: the
 same 2 × per_class training examples, the same L view ids), then computes Y = z_a − z_b
 of the final model for *every* view the augmentation has (MNIST-1D ``shift1d``: 9) of
 every probed example, so any number of draws is a table look-up. It reports
@@ -47,10 +47,11 @@ from kdlab.data import load_dataset  # noqa: E402
 from kdlab.data.augment import Augmentation  # noqa: E402
 from kdlab.models import build_model  # noqa: E402
 from kdlab.runs import load_finished_model, load_run_config, read_metrics  # noqa: E402
-from kdlab.train import _MutualInformationProbe, predict  # noqa: E402
+from kdlab.training.evaluate import predict  # noqa: E402
+from kdlab.training.probes import MutualInformationProbe  # noqa: E402
 
 
-def view_table(model, probe: _MutualInformationProbe, aug: Augmentation) -> np.ndarray:
+def view_table(model, probe: MutualInformationProbe, aug: Augmentation) -> np.ndarray:
     """(N, V): Y = z_a − z_b of ``model`` on every view of every probed example."""
     data, n, v = probe.data, len(probe.index), aug.num_views
     x = data.train_x[probe.index].repeat_interleave(v, dim=0)
@@ -198,7 +199,7 @@ def figure(means, sigma, labels, classes, path: Path, title: str) -> str:
     return str(path)
 
 
-def analyse(label: str, model, probe: _MutualInformationProbe, args, out_dir: Path | None) -> dict:
+def analyse(label: str, model, probe: MutualInformationProbe, args, out_dir: Path | None) -> dict:
     torch.manual_seed(0)
     aug = probe.data.augmentation
     classes = probe.classes
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
             print(f"{run}: the run did not log the MI probe (mutual_information.every_steps = 0); skipped")
             continue
         data = load_dataset(cfg.data)
-        probe = _MutualInformationProbe(cfg, data, bf16=False)
+        probe = MutualInformationProbe(cfg, data, bf16=False)
         curve = [r["mutual_information"] for r in read_metrics(run, "mutual_information")]
         models = [("final", load_finished_model(run))]
         if not args.no_init:

@@ -17,6 +17,13 @@ class RunError(KdlabError):
     """A run dir that cannot be used (unfinished teacher, corrupt checkpoint, ...)."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what
+    rank 0 tells the other ranks when it stops a run."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr (``kdlab: warning: ...``): something was repaired or
     will differ from what the user may expect, and the run goes on."""

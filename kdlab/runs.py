@@ -293,6 +293,18 @@ def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
     return records
 
 
+def load_eval(run_dir: Path, split: str) -> dict | None:
+    """The arrays of ``RUN_DIR/eval_SPLIT.npz``, or None when the run has no such file."""
+    path = run_dir / f"eval_{split}.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as err:
+        raise RunError(f"{path}: unreadable eval outputs ({type(err).__name__})") from None
+
+
 def load_run_config(run_dir: Path):
     from .config import Config, yaml_load
 

@@ -31,89 +31,41 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import Dataset, load_dataset
+from .data import load_dataset
 from .device import (
     autocast,
     describe_device,
-    model_device,
-    physical_memory_bytes,
     resolve_bf16,
     resolve_device,
     to_device_layout,
 )
 from .distributed import SINGLE, context_from_env
-from .errors import ConfigError, RunError, warn
-from .losses import distillation_loss, ensemble_logits
+from .errors import ConfigError, RunError, first_line, warn
+from .losses import distillation_loss
 from .models import build_model, check_model, count_parameters
 from .runs import (
     RunLock,
     atomic_save_npz,
     atomic_torch_save,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     check_writable_dir,
     make_dirs,
     file_sha256,
-    load_finished_model,
     load_weights,
-    load_weights_model,
     parse_metrics,
     read_json,
     remove_stale_temporaries,
     run_meta,
     torch_load,
 )
-from .teacher_cache import TeacherCache, table_bytes
+from .teacher_cache import TeacherCache
+from .translate import token_metrics, translation_outputs
+from .training.checks import check_memory, check_processes, check_teacher_source
+from .training.evaluate import predict_split, split_metrics
+from .training.probes import MutualInformationProbe
+from .training.teachers import Teachers
 from .teacher_store import TeacherStore
-
-
-@torch.inference_mode()
-def predict_batches(model: nn.Module, data: Dataset, batches, *, features: bool = False, bf16: bool = False,
-                    channels_last: bool = False, ctx=None):
-    """Logits (float32, on the CPU) of ``model`` on raw batches (and penultimate features).
-    With a multi-process ``ctx`` each rank got its share of the batches (round-robin):
-    the outputs are gathered, in batch order, on every rank."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    logits, feats = [], []
-    for raw in batches:
-        batch = to_device_layout(data.prepare(raw.to(device)), channels_last)
-        with autocast(bf16, device.type):
-            out = model(batch, return_features=True)
-        logits.append(out[0].float().cpu())
-        feats.append(out[1].float().cpu())
-    model.train(was_training)
-    if ctx is not None and ctx.active:
-        pairs = ctx.gather_batches(list(zip(logits, feats if features else [None] * len(logits))))
-        logits, feats = [p[0] for p in pairs], [p[1] for p in pairs]
-    logits = torch.cat(logits) if logits else torch.zeros(0)
-    return (logits, torch.cat(feats) if feats else torch.zeros(0)) if features else logits
-
-
-def predict(model: nn.Module, data: Dataset, x: torch.Tensor, batch_size: int = 1000, **kwargs):
-    """``predict_batches`` on raw inputs held in memory, ``batch_size`` at a time."""
-    return predict_batches(model, data, (x[s : s + batch_size] for s in range(0, len(x), batch_size)), **kwargs)
-
-
-def predict_split(model: nn.Module, data, split: str, batch_size: int = 1000, ctx=None, **kwargs):
-    """``predict_batches`` on a split under its evaluation view (in memory or streamed;
-    sharded over the ranks of a multi-process ``ctx``)."""
-    return predict_batches(model, data, data.eval_batches(split, batch_size, model_device(model), ctx=ctx), ctx=ctx,
-                           **kwargs)
-
-
-def _metrics(prefix: str, logits: torch.Tensor, labels: torch.Tensor, teacher_logits=None) -> dict:
-    out = {
-        f"{prefix}_acc": (logits.argmax(1) == labels).float().mean().item(),
-        f"{prefix}_nll": nn.functional.cross_entropy(logits, labels).item(),
-        f"{prefix}_logit_sum": logits.sum(1).mean().item(),
-    }
-    if teacher_logits is not None:
-        out[f"{prefix}_agreement"] = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
-        out[f"{prefix}_logit_distance"] = (logits - teacher_logits).norm(dim=1).mean().item()
-    return out
 
 
 def _param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool):
@@ -132,135 +84,7 @@ def _scheduler(optimizer, cfg):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-class _Teachers:
-    """Frozen teacher(s); several are an ensemble whose logits are averaged."""
-
-    def __init__(self, teacher_cfg, data: Dataset, channels_last: bool = False,
-                 device: torch.device = torch.device("cpu")):
-        self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape).to(device)
-                       for r in teacher_cfg.runs]
-        self.weight_files = []  # plain weights files: path and SHA-256, for meta.json
-        for i, spec in enumerate(teacher_cfg.weights):
-            model = load_weights_model(spec.model, Path(spec.path), data.num_classes, data.input_shape,
-                                       f"teacher.weights.{i}")
-            self.models.append(model.to(device))
-            self.weight_files.append({"model": spec.model, "path": str(Path(spec.path).resolve()),
-                                      "sha256": file_sha256(Path(spec.path))})
-        if channels_last:  # the same layout as the student's batches: no conversion per step
-            self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
-        self.device, self.channels_last = device, channels_last
-        self.rows = data.forward if data.tokens else None  # token batches: logits rows of their target tokens
-        if data.tokens:
-            _check_translation_teachers(teacher_cfg, data)
-
-    @torch.no_grad()
-    def __call__(self, x, bf16: bool) -> torch.Tensor:
-        """Float32 logits on the teachers' device of a prepared batch (moved there if needed);
-        of a token batch, the logits rows of its target tokens."""
-        if self.rows is not None:
-            x = tuple(part.to(self.device, non_blocking=True) for part in x)
-            with autocast(bf16, self.device.type):
-                return ensemble_logits([self.rows(m, x) for m in self.models])
-        x = x.to(self.device, non_blocking=True)
-        with autocast(bf16, self.device.type):
-            return ensemble_logits([m(x) for m in self.models])
-
-    def predict(self, data: Dataset, split: str, batch_size: int, channels_last: bool = False,
-                ctx=None) -> torch.Tensor:
-        return ensemble_logits([predict_split(m, data, split, batch_size, channels_last=channels_last, ctx=ctx)
-                                for m in self.models])
-
-
-def _check_translation_teachers(teacher_cfg, data) -> None:
-    """A translation teacher must speak the student's vocabulary: the same corpus and
-    sentencepiece model (by the hashes its result.json records)."""
-    for run in teacher_cfg.runs:
-        result = read_json(Path(run) / "result.json")
-        corpus = result.get("corpus", {})
-        if corpus.get("sha256") != data.corpus.sha256 or corpus.get("vocab_size") != data.num_classes:
-            raise ConfigError(f"teacher {run} was trained on another corpus or vocabulary (corpus "
-                              f"{str(corpus.get('sha256'))[:12]}, {corpus.get('vocab_size')} pieces) than this run "
-                              f"({data.corpus.sha256[:12]}, {data.num_classes} pieces)")
-
-
-class _MutualInformationProbe:
-    """Müller §4: a fixed set of training examples of two classes, each under L fixed
-    views; Y = z_a − z_b of the network being trained, in eval mode. Its own generator,
-    so the training data order is the same with the probe on or off."""
-
-    def __init__(self, cfg: Config, data: Dataset, bf16: bool):
-        mi = cfg.mutual_information
-        generator = torch.Generator().manual_seed(mi.seed)
-        chosen = []
-        for cls in mi.classes:
-            if not 0 <= cls < data.num_classes:
-                raise ConfigError(f"mutual_information.classes: class {cls} is not in 0..{data.num_classes - 1}")
-        counts = [int((data.train_y == cls).sum()) for cls in mi.classes]
-        if min(counts) < mi.per_class:
-            cls = mi.classes[counts.index(min(counts))]
-            raise ConfigError(f"mutual_information.per_class={mi.per_class}: class {cls} has only {min(counts)} "
-                              f"training examples here; set per_class to at most {min(counts)}")
-        for cls in mi.classes:
-            idx = torch.nonzero(data.train_y == cls).flatten()
-            chosen.append(idx[torch.randperm(len(idx), generator=generator)[: mi.per_class]])
-        self.index = torch.cat(chosen)
-        self.views = data.augmentation.sample(len(self.index) * mi.views, generator).view(len(self.index), mi.views)
-        self.classes, self.data, self.cfg = mi.classes, data, cfg
-        self.inputs = self.data.train_x[self.index].repeat_interleave(mi.views, dim=0)
-        self.bf16 = bf16
-
-    def __call__(self, model: nn.Module) -> float:
-        from .analysis.mutual_information import mutual_information
-
-        x = self.data.augmentation.apply(self.inputs, self.views.flatten())
-        logits = predict(model, self.data, x, self.cfg.eval_batch_size, bf16=self.bf16,
-                         channels_last=self.cfg.channels_last)
-        values = (logits[:, self.classes[0]] - logits[:, self.classes[1]]).view(len(self.index), -1)
-        return mutual_information(values.double().numpy())
-
-
 STREAMED_TRAIN_EVAL_MAX = 100_000  # streamed data: eval_train.npz only up to this many images
-
-
-def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, int]:
-    """Bytes of the allocations that grow with the config, before any is made."""
-    if cfg.optim.optimizer == "adam":  # two moment buffers instead of one
-        items = {"model (weights, gradients, Adam moments, checkpoint copy)": 20 * num_params}
-    else:
-        items = {"model (weights, gradients, momentum, checkpoint copy)": 16 * num_params}
-    if cfg.optim.ema_decay:
-        items["weight EMA (and its checkpoint copy)"] = 8 * num_params
-    mi = cfg.mutual_information
-    if mi.every_steps:
-        examples = sum(min(mi.per_class, int((data.train_y == c).sum())) for c in mi.classes)
-        per_input = math.prod(data.input_shape) * (data.train_x.element_size() + 4)
-        items["mutual-information probe (inputs × views, pairwise densities)"] = (
-            examples * mi.views * (per_input + 8 * data.num_classes) + 24 * examples**2)
-    if cfg.teacher is not None and cfg.loss.alpha > 0 and cfg.teacher.cache.mode != "off":
-        size = table_bytes(len(data.train_y), data.augmentation.num_views, data.num_classes, cfg.teacher.cache.dtype)
-        if size <= cfg.teacher.cache.max_gb * 1e9:  # larger: refused by the cache itself (online teacher)
-            items["teacher cache"] = size
-    if data.tokens and cfg.decode.beam > 1:  # the final beam search, while the model state above is still held
-        from .translate import decode_passes_bytes, decoder_size, describe_beam_batch
-
-        size, where = decode_passes_bytes(data, cfg.decode, decoder_size(cfg.model.name, data.num_classes),
-                                          threads=cfg.threads)
-        items[f"decode.beam={cfg.decode.beam} beam search, {describe_beam_batch(where)}"] = size
-    return items
-
-
-def check_memory(cfg: Config, data: Dataset, num_params: int, device: torch.device) -> None:
-    """Refuse, with the numbers, a run whose estimated allocations exceed the limit."""
-    total = physical_memory_bytes(device)
-    limit = cfg.memory_limit_gb * 1e9 if cfg.memory_limit_gb else (0.9 * total if total else None)
-    if limit is None:
-        return
-    items = estimate_memory(cfg, data, num_params)
-    need = sum(items.values())
-    if need > limit:
-        biggest = max(items, key=items.get)
-        raise ConfigError(f"the run would need ~{need / 1e9:,.3g} GB ({biggest}: {items[biggest] / 1e9:,.3g} GB) but the "
-                          f"limit is {limit / 1e9:,.3g} GB (memory_limit_gb; default 90% of {device.type} memory)")
 
 
 def _remove_created(run_dir: Path, created: Path | None) -> None:
@@ -288,29 +112,6 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def _check_teacher_source(cfg: Config, data) -> None:
-    """What the data kind allows: finite views (in memory) take the exact teacher cache and
-    the MI probe; streamed crops take the teacher store (top-k: KL at a finite τ only)."""
-    if data.streamed:
-        if cfg.mutual_information.every_steps:
-            raise ConfigError("mutual_information.every_steps: the MI probe needs in-memory data with finite views; "
-                              f"{cfg.data.name} is streamed from disk")
-        if cfg.teacher is not None and cfg.loss.alpha > 0 and cfg.teacher.cache.mode != "off":
-            raise ConfigError(f"teacher.cache.mode={cfg.teacher.cache.mode}: the exact (sample, view) table needs "
-                              f"finite views; {cfg.data.name}'s random resized crops are unbounded: use "
-                              "teacher.store.crops=M (stored crops) or the online teacher (mode=off)")
-        store_cfg = cfg.teacher.store if cfg.teacher is not None else None
-        if store_cfg is not None and store_cfg.crops and store_cfg.top_k is not None:
-            if cfg.loss.kd != "kl" or math.isinf(cfg.loss.tau):
-                raise ConfigError("teacher.store.top_k: a top-k store holds probabilities at the loss's τ: it serves "
-                                  "KL at a finite τ only (use the full store for τ=inf or MSE)")
-            if store_cfg.top_k >= data.num_classes:
-                raise ConfigError(f"teacher.store.top_k={store_cfg.top_k} must be below the {data.num_classes} classes")
-    elif cfg.teacher is not None and cfg.teacher.store.crops:
-        raise ConfigError("teacher.store.crops: the crop store is for streamed data (data.name=imagefolder); "
-                          "in-memory data has the exact teacher cache (teacher.cache.mode=lazy|full)")
-
-
 def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
           log=print, wait_for_lock: bool = False, stop_after_step: int | None = None) -> dict | None:
     """Train the run ``cfg`` describes; return its result dict.
@@ -328,7 +129,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, ctx)
     data = load_dataset(cfg.data)
-    teachers = _Teachers(cfg.teacher, data, cfg.channels_last, device) if cfg.teacher else None
+    teachers = Teachers(cfg.teacher, data, cfg.channels_last, device) if cfg.teacher else None
     try:
         if data.tokens:  # a translation model (the config checked the pairing)
             with torch.device("meta"):
@@ -342,10 +143,10 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         with torch.device("meta"):
             shapes = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
         load_weights(shapes, Path(cfg.model.pretrained_path), "model.pretrained_path", assign=True)
-    _check_teacher_source(cfg, data)
-    _check_processes(cfg, data, ctx, device)
+    check_teacher_source(cfg, data)
+    check_processes(cfg, data, ctx, device)
     check_memory(cfg, data, num_params, device)
-    probe = _MutualInformationProbe(cfg, data, resolve_bf16(cfg, device)) \
+    probe = MutualInformationProbe(cfg, data, resolve_bf16(cfg, device)) \
         if cfg.mutual_information.every_steps and ctx.main else None
 
     run_dir = cfg.run_dir()
@@ -357,7 +158,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             try:
                 finished, lock, created = _claim_run_dir(cfg, run_dir, wait_for_lock, log)
             except BaseException as err:
-                ctx.broadcast(("error", _one_line(err)))
+                ctx.broadcast(("error", first_line(err)))
                 raise
             ctx.broadcast(("finished", finished) if finished is not None else ("train", None))
         else:
@@ -389,11 +190,6 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             data.close()  # the loader's worker processes
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _claim_run_dir(cfg: Config, run_dir: Path, wait_for_lock: bool, log):
     """(result of a finished run or None, the held RunLock, the first directory this call
     created). Rank 0 only: checks that the places it will write are writable, makes the
@@ -420,29 +216,6 @@ def _claim_run_dir(cfg: Config, run_dir: Path, wait_for_lock: bool, log):
         lock.release()
         return read_json(run_dir / "result.json"), None, None
     return None, lock, created
-
-
-def _check_processes(cfg: Config, data, ctx, device: torch.device) -> None:
-    """Multi-process runs: every rank gets rows of every global batch; SyncBatchNorm on GPUs."""
-    if not ctx.active:
-        if cfg.sync_batchnorm:
-            raise ConfigError("sync_batchnorm=true: it shares BatchNorm statistics between the processes of a torchrun "
-                              "run, and this is one process; start it with torchrun --nproc_per_node=N, or leave "
-                              "sync_batchnorm off")
-        return
-    if cfg.sync_batchnorm and device.type != "cuda":
-        raise ConfigError("sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only; this run is on the CPU "
-                          f"({ctx.world} gloo processes): leave it off here")
-    if data.tokens:
-        if data.smallest_batch() < ctx.world:
-            raise ConfigError(f"data.max_tokens={data.max_tokens}: a batch of {data.smallest_batch()} sentence(s) "
-                              f"cannot be shared by {ctx.world} processes (each needs rows of every batch)")
-        return
-    n = len(data.train_y)
-    last = n % cfg.optim.batch_size or cfg.optim.batch_size
-    if min(cfg.optim.batch_size, last) < ctx.world:
-        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size}: with {n} training samples the last batch has "
-                          f"{last}, fewer than the {ctx.world} processes (each needs rows of every batch)")
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -568,63 +341,6 @@ def _sum_over_ranks(ctx, device, loss_sum, correct, seen: int, skipped: int):
     return loss_sum, correct, int(counts[0]), int(counts[1])
 
 
-def _translation_outputs(cfg: Config, run_dir: Path, model, data, bf16: bool, ctx, progress: bool, log) -> dict:
-    """Translation runs' final outputs (kdlab/translate.py): token calibration arrays for
-    the analyses, translations of val and test as text, BLEU. Every rank decodes its share."""
-    from .translate import bleu_of, calibration_outputs, translate
-
-    out = {"corpus": data.describe(), "decode": cfg.decode.model_dump(mode="json")}  # (not in the hash: as decoded)
-    if ctx.main:  # the run's own copy of its subwords: decoding and the analyses need no cache
-        try:
-            atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())
-            val, train_tokens, summary = calibration_outputs(model, data, bf16)
-            atomic_save_npz(run_dir / "eval_val_tokens.npz", **val)
-            atomic_save_npz(run_dir / "eval_train_tokens.npz", **train_tokens)
-        except BaseException as err:  # the other ranks wait to decode with rank 0: tell them
-            ctx.broadcast(("error", _one_line(err)))
-            raise
-        ctx.broadcast(("ok", None))
-        out["token_calibration"] = summary
-        log(f"{run_dir.name}: token calibration on {summary['tokens']:,} validation tokens: ECE {summary['ece']:.4f}, "
-            f"T = {summary['temperature']:.3f} -> ECE {summary['ece_ts']:.4f}")
-    else:
-        status, message = ctx.broadcast(None)
-        if status == "error":
-            raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {message}")
-    bleu, decode = {}, cfg.decode
-    passes = [("val", 0), ("test", 0)] + ([("test", decode.beam)] if decode.beam > 1 else [])
-    for split, beam in passes:
-        started = time.perf_counter()
-        hypotheses = translate(model, data, split, beam, decode.alpha, decode.extra_length, ctx, progress)
-        seconds = time.perf_counter() - started
-        kind = f"beam{beam}" if beam > 1 else "greedy"
-        if ctx.main:
-            score, signature = bleu_of(data, split, hypotheses)
-            atomic_write_text(run_dir / f"translations_{split}_{kind}.txt", "".join(h + "\n" for h in hypotheses))
-            references = run_dir / f"references_{split}.txt"  # what BLEU compared against
-            if not references.exists():
-                atomic_write_text(references, "".join(r + "\n" for r in data.references(split)))
-            bleu[f"{split}_{kind}"] = {"bleu": score, "sentences": len(hypotheses), "decode_s": seconds,
-                                       "sentences_per_s": len(hypotheses) / seconds if seconds > 0 else None}
-            bleu["signature"] = signature
-            log(f"{run_dir.name}: {split} BLEU ({kind}) {score:.2f} ({len(hypotheses) / seconds:.1f} sentences/s)")
-    out["bleu"] = bleu
-    if decode.temperatures:  # Müller: BLEU against the softmax temperature (beam search on validation)
-        count = len(data.src["val"]) if decode.temperature_sentences is None else decode.temperature_sentences
-        sentences = list(range(min(count, len(data.src["val"]))))
-        curve = {"temperature": list(decode.temperatures), "bleu": [], "beam": decode.beam,
-                 "sentences": len(sentences), "split": "val"}
-        for temperature in decode.temperatures:
-            hypotheses = translate(model, data, "val", decode.beam, decode.alpha, decode.extra_length, ctx, progress,
-                                   temperature, sentences)
-            curve["bleu"].append(bleu_of(data, "val", hypotheses, sentences)[0] if ctx.main else None)
-        if ctx.main:
-            out["bleu_temperature"] = curve
-            log(f"{run_dir.name}: validation BLEU (beam {decode.beam}) against T: " +
-                ", ".join(f"T={t:g} {b:.2f}" for t, b in zip(curve["temperature"], curve["bleu"])))
-    return out
-
-
 def _checkpoint_cadence(cfg: Config, data) -> tuple[int | None, float | None]:
     """(every N steps, every S seconds) of checkpoints within an epoch (epoch ends always).
     Default: none for in-memory data (an epoch is short), every 5 minutes for streamed data
@@ -683,7 +399,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         try:
             state = _load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
         except BaseException as err:
-            ctx.broadcast(("error", _one_line(err)))
+            ctx.broadcast(("error", first_line(err)))
             raise
         ctx.broadcast(("ok", state is not None))
     else:
@@ -941,8 +657,6 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         if skipped:
             record["skipped_images"] = skipped
         if tokens and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs):
-            from .translate import token_metrics
-
             for split in ("val", "test"):
                 record.update(token_metrics(split, model, data, split, bf16, ctx, teachers))
                 if ema is not None:
@@ -954,11 +668,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 if len(y):
                     logits = predict_split(model, data, split, cfg.eval_batch_size, bf16=bf16,
                                            channels_last=cfg.channels_last, ctx=ctx)
-                    record.update(_metrics(split, logits, y, teacher_logits))
+                    record.update(split_metrics(split, logits, y, teacher_logits))
                     if ema is not None:
                         logits = predict_split(ema.module, data, split, cfg.eval_batch_size, bf16=bf16,
                                                channels_last=cfg.channels_last, ctx=ctx)
-                        record.update({f"ema_{k}": v for k, v in _metrics(split, logits, y, teacher_logits).items()})
+                        record.update({f"ema_{k}": v for k, v in split_metrics(split, logits, y, teacher_logits).items()})
         if ctx.main:
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -984,7 +698,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if cache is not None and store is None and ctx.main:
         cache.save()
 
-    extra_result = _translation_outputs(cfg, run_dir, model, data, bf16, ctx, progress, log) if tokens else {}
+    extra_result = translation_outputs(cfg, run_dir, model, data, bf16, ctx, progress, log) if tokens else {}
     for split in () if tokens else ("train", "val", "test"):
         y = data.split_labels(split)
         if data.streamed and split == "train" and len(y) > STREAMED_TRAIN_EVAL_MAX:

@@ -18,7 +18,7 @@ and what the run dir keeps for token calibration and Fig. 7.
 - ``beam_search_bytes``: the memory beam search will hold for the largest batch
   (sentences × beam rows: key/value caches, a step's logits over the vocabulary, the
   hypotheses), estimated before anything runs: training refuses a ``decode.beam`` whose
-  estimate exceeds the memory limit before it trains (``train.estimate_memory``), and
+  estimate exceeds the memory limit before it trains (``training.checks.estimate_memory``), and
   ``decode_run`` before it decodes.
 - ``decode_run`` (``kdlab translate RUN --beam N ...``): a finished run decoded again with
   other settings, without training — decoding settings are not part of the run hash. It
@@ -32,6 +32,7 @@ import hashlib
 import math
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ from tqdm.auto import tqdm
 
 from .data.text import EOS
 from .device import autocast, model_device
+from .errors import RunError, first_line
+from .runs import atomic_save_npz, atomic_write_bytes, atomic_write_text
 
 TEMPERATURE_GRID = tuple(round(0.5 + 0.1 * k, 2) for k in range(21))  # 0.5 .. 2.5
 
@@ -420,4 +423,59 @@ def decode_run(run_dir, *, beam: int | None = None, alpha: float | None = None, 
     if decode.temperatures:
         log(f"{directory}: validation BLEU (beam {decode.beam}) against T: " +
             ", ".join(f"T={t:g} {b:.2f}" for t, b in zip(curve["temperature"], curve["bleu"])))
+    return out
+
+
+def translation_outputs(cfg, run_dir: Path, model, data, bf16: bool, ctx, progress: bool, log) -> dict:
+    """A translation run's final outputs (``train`` calls it at the end): token calibration arrays for
+    the analyses, translations of val and test as text, BLEU. Every rank decodes its share."""
+    out = {"corpus": data.describe(), "decode": cfg.decode.model_dump(mode="json")}  # (not in the hash: as decoded)
+    if ctx.main:  # the run's own copy of its subwords: decoding and the analyses need no cache
+        try:
+            atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())
+            val, train_tokens, summary = calibration_outputs(model, data, bf16)
+            atomic_save_npz(run_dir / "eval_val_tokens.npz", **val)
+            atomic_save_npz(run_dir / "eval_train_tokens.npz", **train_tokens)
+        except BaseException as err:  # the other ranks wait to decode with rank 0: tell them
+            ctx.broadcast(("error", first_line(err)))
+            raise
+        ctx.broadcast(("ok", None))
+        out["token_calibration"] = summary
+        log(f"{run_dir.name}: token calibration on {summary['tokens']:,} validation tokens: ECE {summary['ece']:.4f}, "
+            f"T = {summary['temperature']:.3f} -> ECE {summary['ece_ts']:.4f}")
+    else:
+        status, message = ctx.broadcast(None)
+        if status == "error":
+            raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {message}")
+    bleu, decode = {}, cfg.decode
+    passes = [("val", 0), ("test", 0)] + ([("test", decode.beam)] if decode.beam > 1 else [])
+    for split, beam in passes:
+        started = time.perf_counter()
+        hypotheses = translate(model, data, split, beam, decode.alpha, decode.extra_length, ctx, progress)
+        seconds = time.perf_counter() - started
+        kind = f"beam{beam}" if beam > 1 else "greedy"
+        if ctx.main:
+            score, signature = bleu_of(data, split, hypotheses)
+            atomic_write_text(run_dir / f"translations_{split}_{kind}.txt", "".join(h + "\n" for h in hypotheses))
+            references = run_dir / f"references_{split}.txt"  # what BLEU compared against
+            if not references.exists():
+                atomic_write_text(references, "".join(r + "\n" for r in data.references(split)))
+            bleu[f"{split}_{kind}"] = {"bleu": score, "sentences": len(hypotheses), "decode_s": seconds,
+                                       "sentences_per_s": len(hypotheses) / seconds if seconds > 0 else None}
+            bleu["signature"] = signature
+            log(f"{run_dir.name}: {split} BLEU ({kind}) {score:.2f} ({len(hypotheses) / seconds:.1f} sentences/s)")
+    out["bleu"] = bleu
+    if decode.temperatures:  # Müller: BLEU against the softmax temperature (beam search on validation)
+        count = len(data.src["val"]) if decode.temperature_sentences is None else decode.temperature_sentences
+        sentences = list(range(min(count, len(data.src["val"]))))
+        curve = {"temperature": list(decode.temperatures), "bleu": [], "beam": decode.beam,
+                 "sentences": len(sentences), "split": "val"}
+        for temperature in decode.temperatures:
+            hypotheses = translate(model, data, "val", decode.beam, decode.alpha, decode.extra_length, ctx, progress,
+                                   temperature, sentences)
+            curve["bleu"].append(bleu_of(data, "val", hypotheses, sentences)[0] if ctx.main else None)
+        if ctx.main:
+            out["bleu_temperature"] = curve
+            log(f"{run_dir.name}: validation BLEU (beam {decode.beam}) against T: " +
+                ", ".join(f"T={t:g} {b:.2f}" for t, b in zip(curve["temperature"], curve["bleu"])))
     return out

@@ -13,7 +13,8 @@ from kdlab.data import load_dataset
 from kdlab.losses import distillation_loss
 from kdlab.runs import read_metrics
 from kdlab.teacher_store import TeacherStore
-from kdlab.train import _Teachers, train
+from kdlab.train import train
+from kdlab.training.teachers import Teachers
 
 pytest.importorskip("PIL")
 TIME_KEYS = {"epoch_time_s", "images_per_s"}
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
 def test_stored_logits_equal_the_online_teachers_on_the_same_crops(setup, tmp_path, dtype, tolerance):
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
+    teachers = Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     store = TeacherStore(teachers, data, TeacherStoreConfig(crops=3, dtype=dtype, shard_size=7), tmp_path,
                          log=lambda *a: None)
     store.build(batch_size=64, progress=False)
@@ -64,7 +65,7 @@ def test_stored_logits_equal_the_online_teachers_on_the_same_crops(setup, tmp_pa
 def test_a_build_resumes_at_the_missing_shard_and_is_reproducible(setup, tmp_path):
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
+    teachers = Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     cfg = TeacherStoreConfig(crops=2, dtype="float32", shard_size=10)
     store = TeacherStore(teachers, data, cfg, tmp_path / "a", log=lambda *a: None)
     store.build(64, progress=False)
@@ -102,7 +103,7 @@ def test_a_student_on_the_store_trains_and_resumes_exactly(setup, tmp_path):
 def test_a_top_k_store_keeps_the_k_largest_probabilities_and_spreads_the_rest(setup, tmp_path):
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
+    teachers = Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     tau, k = 2.0, 2
     store = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, dtype="float32", top_k=k), tmp_path,
                          log=lambda *a: None, tau=tau)
@@ -142,7 +143,7 @@ def test_a_top_k_store_refuses_what_it_cannot_serve(setup, tmp_path, capsys):
 def test_crops_do_not_depend_on_the_sharding(setup, tmp_path):
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
+    teachers = Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     stores = []
     for shard_size in (5, 13):
         store = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, shard_size=shard_size), tmp_path / str(shard_size),
@@ -184,7 +185,7 @@ def test_a_store_copied_into_another_keys_place_or_a_directory_at_its_lock_is_re
 
     root, teacher_dir, _ = setup
     data = load_dataset(_config(root, tmp_path).data)
-    teachers = _Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
+    teachers = Teachers(TeacherConfig(runs=[str(teacher_dir)]), data)
     quiet = {"log": lambda *a: None}
     built = TeacherStore(teachers, data, TeacherStoreConfig(crops=2, seed=0), tmp_path, **quiet)
     built.build(batch_size=64, progress=False)

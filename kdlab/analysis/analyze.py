@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, RunError
-from ..runs import atomic_write_json, check_writable_dir, load_run_config, make_dirs, read_json, read_metrics, torch_load
+from ..runs import atomic_write_json, check_writable_dir, load_eval, load_run_config, make_dirs, read_json, read_metrics, torch_load
 from . import plots
 from .calibration import calibration_report, check_bootstrap_memory, expected_calibration_error, fit_temperature
 from .logits import (
@@ -26,22 +26,12 @@ from .logits import (
     teacher_student_kl,
 )
 from .representations import project_templates
+from .translation import analyze_translation_run
 
 CLASS_NAMES = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
     "fashion-mnist": ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"],
 }
-
-
-def _load_eval(run_dir: Path, split: str) -> dict | None:
-    path = run_dir / f"eval_{split}.npz"
-    if not path.exists():
-        return None
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as err:
-        raise RunError(f"{path}: unreadable eval outputs ({type(err).__name__})") from None
 
 
 def _finished(run_dir: Path) -> Path:
@@ -88,8 +78,6 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
     result = read_json(run_dir / "result.json")
     teacher_result = read_json(teacher_dir / "result.json") if teacher_dir else None
     if "token_calibration" in result:  # a translation run: token rows, no logits dump (kdlab/translate.py)
-        from .translation import analyze_translation_run
-
         if teacher_dir:
             raise ConfigError(f"--teacher {teacher_dir}: the analysis of a translation run compares no teacher "
                               "(its token metrics against the teacher are in metrics.jsonl); leave --teacher out")
@@ -97,11 +85,11 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
         return analyze_translation_run(run_dir, classes, out_dir, n_bootstrap, figures, log)
     cfg = load_run_config(run_dir)
     num_classes = result["num_classes"]
-    evals = {split: _load_eval(run_dir, split) for split in ("train", "val", "test")}
+    evals = {split: load_eval(run_dir, split) for split in ("train", "val", "test")}
     if evals["test"] is None:
         raise RunError(f"{run_dir}: no eval_test.npz")
     check_bootstrap_memory(n_bootstrap, len(evals["test"]["labels"]))
-    teacher_evals = {s: _load_eval(teacher_dir, s) for s in ("train", "val", "test")} if teacher_dir else {}
+    teacher_evals = {s: load_eval(teacher_dir, s) for s in ("train", "val", "test")} if teacher_dir else {}
     if teacher_dir and (teacher_evals["test"] is None or "token_calibration" in teacher_result):
         kind = "a translation run" if "token_calibration" in teacher_result else "a run without eval_test.npz"
         raise ConfigError(f"--teacher {teacher_dir} is {kind}, not a classifier evaluated on {run_dir.name}'s data "

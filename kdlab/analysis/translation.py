@@ -19,16 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunError
-from ..runs import atomic_write_json, check_writable_dir, make_dirs, read_json, torch_load
+from ..runs import atomic_write_json, check_writable_dir, load_eval, make_dirs, read_json, torch_load
 from . import plots
 from .calibration import ece_of_confidence, token_calibration_report
 from .representations import project_templates
 
 
 def _tokens(run_dir: Path, split: str) -> dict:
-    from .analyze import _load_eval
-
-    arrays = _load_eval(run_dir, f"{split}_tokens")
+    arrays = load_eval(run_dir, f"{split}_tokens")
     if arrays is None:
         raise RunError(f"{run_dir}: no eval_{split}_tokens.npz (a translation run finished by an older kdlab?)")
     return arrays
