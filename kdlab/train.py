@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -32,84 +30,34 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import load_dataset
-from .device import (
-    autocast,
-    describe_device,
-    resolve_bf16,
-    resolve_device,
-    to_device_layout,
-)
+from .device import autocast, describe_device, resolve_bf16, resolve_device, to_device_layout
 from .distributed import SINGLE, context_from_env
 from .errors import ConfigError, RunError, first_line, warn
 from .losses import distillation_loss
 from .models import build_model, check_model, count_parameters
 from .runs import (
-    RunLock,
     atomic_save_npz,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
-    check_writable_dir,
-    make_dirs,
     file_sha256,
     load_weights,
     parse_metrics,
-    read_json,
     remove_stale_temporaries,
-    run_meta,
     torch_load,
 )
 from .teacher_cache import TeacherCache
-from .translate import token_metrics, translation_outputs
+from .teacher_store import TeacherStore
 from .training.checks import check_memory, check_processes, check_teacher_source
 from .training.evaluate import predict_split, split_metrics
+from .training.optim import make_ema, param_groups, scheduler_for
 from .training.probes import MutualInformationProbe
+from .training.rundir import claim_run_dir, load_checkpoint, remove_created, restore, threads_for_resume, write_meta
 from .training.teachers import Teachers
-from .teacher_store import TeacherStore
-
-
-def _param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool):
-    if decay_bn_bias:
-        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _scheduler(optimizer, cfg):
-    if cfg.schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+from .translate import token_metrics, translation_outputs
 
 
 STREAMED_TRAIN_EVAL_MAX = 100_000  # streamed data: eval_train.npz only up to this many images
-
-
-def _remove_created(run_dir: Path, created: Path | None) -> None:
-    """Remove ``run_dir`` and the parents this call created, if empty (a sweep's out_dir
-    may hold other runs by now: never more than that)."""
-    if created is None:
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    parent = run_dir.parent
-    while parent != created.parent and parent.is_dir():
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-        parent = parent.parent
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost directory of ``path`` that does not exist yet (what mkdir(parents) creates)."""
-    missing = None
-    for p in (path, *path.parents):
-        if p.exists():
-            break
-        missing = p
-    return missing
 
 
 def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
@@ -156,7 +104,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     try:
         if ctx.main:
             try:
-                finished, lock, created = _claim_run_dir(cfg, run_dir, wait_for_lock, log)
+                finished, lock, created = claim_run_dir(cfg, run_dir, wait_for_lock, log)
             except BaseException as err:
                 ctx.broadcast(("error", first_line(err)))
                 raise
@@ -178,7 +126,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         # nothing to resume from: leave nothing behind (what this call created)
         if ctx.main and lock is not None and not (run_dir / "checkpoint.pt").exists() \
                 and not (run_dir / "result.json").exists():
-            _remove_created(run_dir, created)
+            remove_created(run_dir, created)
         raise
     finally:
         for closer in closers:
@@ -188,110 +136,6 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         torch.set_num_threads(threads_before)
         if data.streamed:
             data.close()  # the loader's worker processes
-
-
-def _claim_run_dir(cfg: Config, run_dir: Path, wait_for_lock: bool, log):
-    """(result of a finished run or None, the held RunLock, the first directory this call
-    created). Rank 0 only: checks that the places it will write are writable, makes the
-    run dir, takes the run's lock (waiting for another process if asked)."""
-    if (run_dir / "result.json").is_file():
-        return read_json(run_dir / "result.json"), None, None
-    check_writable_dir(cfg.out_dir, "out_dir", probe=True)
-    if cfg.teacher is not None:
-        for key, where in (("teacher.cache.dir", cfg.teacher.cache.dir), ("teacher.store.dir", cfg.teacher.store.dir)):
-            if where:
-                check_writable_dir(where, key, probe=True)
-    created = _first_missing(run_dir)
-    make_dirs(run_dir, "out_dir")
-    lock = RunLock(run_dir)
-    try:
-        lock.acquire(wait=wait_for_lock, log=log)
-    except BaseException:
-        if RunLock.busy(run_dir) is None:
-            _remove_created(run_dir, created)
-        raise
-    if created is not None and any(p.name != ".lock" for p in run_dir.iterdir()):
-        created = None  # another process filled it while we waited: not ours to remove
-    if (run_dir / "result.json").is_file():  # finished by the process we waited for
-        lock.release()
-        return read_json(run_dir / "result.json"), None, None
-    return None, lock, created
-
-
-def _load_checkpoint(path: Path) -> dict:
-    """The checkpoint, or (corrupt) moved aside to ``checkpoint.pt.corrupt`` and a RunError.
-    A read error (EIO, permissions) is not corruption: the file stays where it is."""
-    try:
-        path.read_bytes()[:1]
-    except OSError as err:
-        raise RunError(f"{path}: cannot be read ({err.strerror}); it is left in place: fix the cause and run "
-                       "the same command again to resume") from None
-    try:
-        state = torch_load(path)
-        if not isinstance(state, dict) or not {"epoch", "model", "optimizer", "generator"} <= set(state):
-            raise RunError(f"{path}: not a kdlab checkpoint")
-        return state
-    except RunError as err:
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
-        raise RunError(f"{err}; moved it to {aside.name}: run the same command again to restart this run from "
-                       "epoch 0 (or put a good checkpoint back as checkpoint.pt to resume)") from None
-
-
-def _restore(state: dict, path: Path, model, optimizer, scheduler, generator, device, ema=None, ctx=SINGLE) -> None:
-    try:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        ranks = state.get("rank_rng")
-        if ranks is not None and len(ranks) == ctx.world:  # each process its own stream (dropout)
-            torch.set_rng_state(ranks[ctx.rank][0])
-            if device.type == "cuda" and ranks[ctx.rank][1] is not None:
-                torch.cuda.set_rng_state(ranks[ctx.rank][1], device)
-            return
-    except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
-        raise RunError(f"{path}: does not fit this run ({str(err).splitlines()[0][:120]}); moved it to {aside.name}: "
-                       "run the same command again to restart this run from epoch 0") from None
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
-
-
-def _threads_for_resume(cfg: Config, recorded: int | None, log) -> None:
-    """Keep the thread count the run was trained with (results depend on it), unless the
-    config sets one; say so in one line when it differs from this process's."""
-    current = torch.get_num_threads()
-    if recorded is None or recorded == current:
-        return
-    if cfg.threads is not None:
-        warn(f"resuming with threads={cfg.threads} as set, but epochs so far ran with {recorded}: the result "
-             "will differ (at rounding level) from an uninterrupted run")
-        return
-    torch.set_num_threads(recorded)
-    log(f"resuming with {recorded} torch threads as recorded in the checkpoint (this process had {current}; "
-        "set threads=N to override)")
-
-
-def _write_meta(run_dir: Path, device: torch.device, start_epoch: int, weight_files=(), **extra) -> None:
-    """meta.json: this start's environment, and every start's (a resumed run's history)."""
-    path = run_dir / "meta.json"
-    previous = {}
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except ValueError:
-            previous = {}
-    start = {**run_meta(), "device": describe_device(device), "device_type": device.type, "pid": os.getpid(),
-             "start_epoch": start_epoch, **extra}
-    if weight_files:  # plain weights files read by this start: path and SHA-256
-        start["weight_files"] = list(weight_files)
-    starts = [s for s in previous.get("starts", []) if isinstance(s, dict)] + [start]
-    atomic_write_json(path, {**start, "starts": starts})
 
 
 def _tensorboard_writer(cfg: Config, run_dir: Path, purge_step: int):
@@ -314,13 +158,6 @@ def _scalar_tag(key: str) -> str:
             return f"{prefix[:-1]}/{key[len(prefix):]}"
     return {"lr": "train/lr", "images_per_s": "speed/images_per_s", "tokens_per_s": "speed/tokens_per_s",
             "epoch_time_s": "speed/epoch_time_s"}.get(key, f"other/{key}")
-
-
-def _make_ema(model: nn.Module, decay: float):
-    """torch's AveragedModel with its EMA update (weights and buffers)."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _process_meta(ctx, device: torch.device) -> dict:
@@ -397,7 +234,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     checkpoint_path = run_dir / "checkpoint.pt"
     if ctx.main:  # rank 0 checks (and sets aside a corrupt one) before the others read it
         try:
-            state = _load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+            state = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
         except BaseException as err:
             ctx.broadcast(("error", first_line(err)))
             raise
@@ -408,7 +245,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {has_state}")
         state = torch_load(checkpoint_path) if has_state else None
     if state is not None:
-        _threads_for_resume(cfg, state.get("torch_threads"), log)
+        threads_for_resume(cfg, state.get("torch_threads"), log)
     start_epoch = state["epoch"] if state is not None else 0
     processes = {**_process_meta(ctx, device), "bf16": bf16}  # (a collective: every rank)
     if ctx.main:
@@ -418,7 +255,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         if cfg.model.pretrained_path:
             path = Path(cfg.model.pretrained_path)
             weight_files.insert(0, {"model.pretrained_path": str(path.resolve()), "sha256": file_sha256(path)})
-        _write_meta(run_dir, device, start_epoch, weight_files, **processes)
+        write_meta(run_dir, device, start_epoch, weight_files, **processes)
     log(f"{run_dir}: training on {describe_device(device)}"
         + (f" × {ctx.world} processes ({ctx.backend})" if ctx.active else ""))
     if len(data.noisy_indices) and ctx.main:
@@ -434,17 +271,17 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if ctx.active and cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt_cfg, loss_cfg = cfg.optim, cfg.loss
-    groups = _param_groups(model, opt_cfg.weight_decay, opt_cfg.decay_bn_bias)
+    groups = param_groups(model, opt_cfg.weight_decay, opt_cfg.decay_bn_bias)
     if opt_cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=opt_cfg.lr, betas=opt_cfg.betas, eps=opt_cfg.eps)
     else:
         optimizer = torch.optim.SGD(groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum,
                                     nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0)
-    scheduler = _scheduler(optimizer, opt_cfg)
+    scheduler = scheduler_for(optimizer, opt_cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
-    ema = _make_ema(model, opt_cfg.ema_decay) if opt_cfg.ema_decay else None
+    ema = make_ema(model, opt_cfg.ema_decay) if opt_cfg.ema_decay else None
     if state is not None:
-        _restore(state, checkpoint_path, model, optimizer, scheduler, generator, device, ema, ctx)
+        restore(state, checkpoint_path, model, optimizer, scheduler, generator, device, ema, ctx)
         if state.get("step_in_epoch"):
             log(f"{run_dir}: resuming in epoch {start_epoch + 1} after step {state['step_in_epoch']}")
         else:
