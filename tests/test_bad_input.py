@@ -241,6 +241,40 @@ def _both(*setups):
     return setup
 
 
+def _image_folder(mutate=None, classes: int = 3):
+    """A tiny image folder (ImageNet's layout, real PNG/JPEG), then ``mutate(root)``."""
+
+    def setup(tmp: Path) -> dict:
+        from conftest import write_image_folder
+
+        root = write_image_folder(tmp / "images", train_per_class=3, val_per_class=1, classes=classes, size=12)
+        if mutate:
+            mutate(root)
+        return {"root": str(root)}
+
+    return setup
+
+
+def _empty_class(root: Path) -> None:
+    (root / "train" / "class_99").mkdir()
+
+
+def _class_in_a_subfolder(root: Path) -> None:
+    folder = root / "train" / "class_01"
+    (folder / "more").mkdir()
+    for image in [p for p in folder.iterdir() if p.is_file()]:
+        image.rename(folder / "more" / image.name)
+
+
+def _class_linked_to_train(root: Path) -> None:
+    (root / "train" / "class_zz").symlink_to(root / "train")
+
+
+def IMAGES(*extra: str) -> list[str]:
+    return T("data.name=imagefolder", "data.root={root}", "data.image_size=12", "data.val_size=1",
+             "data.loader_workers=0", *extra)
+
+
 def _free_port(tmp: Path) -> dict:
     """A local TCP port nothing listens on (bound, then released)."""
     import socket
@@ -553,6 +587,12 @@ CASES = [
     Case("sweep-ray-address-malformed", ["sweep", "{recipe}", "--executor", "ray", "--address", "somewhere",
                                          "--out", "{out}/sweep", "--no-progress"],
          ("--address", "HOST:PORT"), setup=_recipe_only_quick),
+    Case("imagefolder-one-class", IMAGES(), ("1 class folder", "at least 2"), setup=_image_folder(classes=1)),
+    Case("imagefolder-empty-class-folder", IMAGES(), ("class_99", "without"), setup=_image_folder(_empty_class)),
+    Case("imagefolder-class-images-in-a-subfolder", IMAGES(), ("class_01", "subfolders"),
+         setup=_image_folder(_class_in_a_subfolder)),
+    Case("imagefolder-class-linked-to-train", IMAGES(), ("class_zz", "without"),
+         setup=_image_folder(_class_linked_to_train)),
     Case("unknown-command", ["bogus-command"], ("bogus-command",)),
     Case("no-command", [], ("command",)),
 ]

@@ -13,7 +13,18 @@ resize the shorter side to ``eval_resize`` and take the centre ``image_size`` sq
 Batches. One persistent pool of loader workers serves every split: the main process
 hands it lists of (split, index, view row) items, so the order and the views never
 depend on the worker count (``data.loader_workers`` is not part of the run hash).
-Workers start with ``forkserver`` (not ``fork``), so they never inherit the run's lock.
+Workers start with ``spawn`` (not ``fork``), so they never inherit the run's lock (an
+flock on ``RUN_DIR/.lock``): a fresh interpreter gets only the pipes multiprocessing
+passes it. They die with the run, SIGKILL included: each is a child of the run process
+and, from the moment its dataset is unpickled, watches that process (Linux: a pidfd that
+a daemon thread waits on; elsewhere: its parent pid, polled every second) and exits at
+once, and silently, when it ends; a worker still importing torch then exits once it is
+done. Once no worker holds the resource tracker's pipe, the tracker sees EOF and exits
+too (cleaning up the dead run's semaphores, with a warning). A worker whose loader shuts
+down ends with ``os._exit``, as fork and forkserver children do. (``forkserver`` would
+not do: its workers are the server's children, so torch's watchdog watches the server;
+and every child holds the server's "alive" pipe: after a SIGKILL, workers, server and
+tracker kept one another alive.)
 An unreadable image is a one-line error naming the file, or (``data.on_bad_image:
 skip``) left out of its training batch and counted in the epoch's metrics; evaluation
 and store builds keep it as a black image (with a warning), so outputs stay aligned.
@@ -21,9 +32,16 @@ and store builds keep it as a black image (with a warning), so outputs stay alig
 
 from __future__ import annotations
 
+import functools
 import math
-import multiprocessing
+import multiprocessing.context
+import multiprocessing.util
 import os
+import pickle
+import select
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +119,8 @@ def scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[st
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist (data.root must hold train/<class>/ and val/<class>/)")
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if classes is None:
+    training = classes is None  # (the training split defines the classes: each needs images)
+    if training:
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -117,6 +136,15 @@ def scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[st
                 labels.append(label)
     if not files:
         raise DataError(f"{folder}: no .jpg/.jpeg/.png images in its class folders")
+    if training:
+        if len(classes) < 2:
+            raise DataError(f"{folder}: {len(classes)} class folder ({', '.join(classes)}); a classifier needs at least "
+                            "2 (one folder of images per class)")
+        empty = [name for label, name in enumerate(classes) if label not in set(labels)]
+        if empty:
+            raise DataError(f"{folder}: class folder(s) without .jpg/.jpeg/.png images directly inside: "
+                            f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} (images in subfolders are not "
+                            "read); remove the folder or put its images in it")
     return files, classes, np.asarray(labels, dtype=np.int64)
 
 
@@ -162,6 +190,15 @@ class _Images(torch.utils.data.Dataset):
         self.image_size, self.eval_resize, self.scale, self.ratio = image_size, eval_resize, scale, ratio
         self.skip_bad = skip_bad
 
+    def __reduce__(self):
+        """Sent to a loader worker being started, the dataset carries the pid of the
+        process that starts it (the run), and its state as one bytes object, which pickle
+        sends outside its frames: the worker watches the run before it reads the file
+        lists, which take a while to send when the folder is large (a run SIGKILLed then
+        leaves its worker with a truncated pickle)."""
+        watch = _WatchOnUnpickle(os.getpid()) if multiprocessing.context.get_spawning_popen() is not None else None
+        return _images, (watch, pickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL))
+
     def __len__(self):
         return sum(len(f) for f in self.files.values())
 
@@ -201,6 +238,109 @@ def _collate(items):
     kept = [items[k] for k in positions]
     x = torch.stack([i[0] for i in kept])
     return x, torch.tensor([i[1] for i in kept]), torch.tensor([i[2] for i in kept]), skipped, torch.tensor(positions)
+
+
+class _RunWatch:
+    """In a loader worker: has the run process (``pid``, this worker's parent) ended?"""
+
+    def __init__(self, pid: int):
+        self.pid, self.pidfd = pid, None
+        if os.getppid() != pid:  # the run ended while this worker was starting
+            os._exit(0)
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                os._exit(0)
+            except OSError:  # an old kernel, a sandbox: poll the parent pid instead
+                pass
+            if os.getppid() != pid:  # ended before the pidfd was opened (its pid may be another's now)
+                os._exit(0)
+
+    def ended(self, timeout: float = 0.0) -> bool:
+        """Whether the run has ended, waiting up to ``timeout`` seconds for it to."""
+        if self.pidfd is not None:  # readable once the process has exited (a zombie included)
+            poll = select.poll()  # one per call: two threads may wait at once
+            poll.register(self.pidfd, select.POLLIN)
+            return bool(poll.poll(timeout * 1000))
+        deadline = time.monotonic() + timeout
+        while os.getppid() == self.pid:  # re-parented when the run ends
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return True
+
+
+_watch: _RunWatch | None = None  # in a loader worker: its watch on the run
+
+
+def _watch_run(run_pid: int) -> None:
+    """In a loader worker (once): exit as soon as the run process ``run_pid`` ends, however
+    it ends, and silently: what a thread would print about a pipe or connection the run's
+    death broke (multiprocessing's resource sharer, the worker's own start when the run
+    died while sending it its dataset) is not printed. Without this, the workers of a
+    SIGKILLed run would wait for work forever."""
+    global _watch
+    if _watch is not None:
+        return
+    watch = _watch = _RunWatch(run_pid)
+
+    def wait():
+        while not watch.ended(3600.0):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, daemon=True, name="kdlab-run-watch").start()
+
+    def quiet(hook):
+        def excepthook(*args):  # sys's (type, value, traceback) or threading's (args)
+            if watch.ended(2.0):  # the error may come a moment before the run's end does
+                os._exit(0)
+            hook(*args)
+
+        return excepthook
+
+    sys.excepthook = quiet(sys.excepthook)  # uncaught errors, and the resource sharer thread's
+    threading.excepthook = quiet(threading.excepthook)
+
+
+class _WatchOnUnpickle:
+    """Unpickled (in a loader worker being started) as the call ``_watch_run(pid)``."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def __reduce__(self):
+        return _watch_run, (self.pid,)
+
+
+def _images(_watched: None, state: bytes) -> _Images:
+    """Unpickles an ``_Images`` (its first argument has set up the watch on the run)."""
+    images = _Images.__new__(_Images)
+    images.__dict__.update(pickle.loads(state))
+    return images
+
+
+def _die_with_run(run_pid: int, worker_id: int) -> None:
+    """The loader's ``worker_init_fn``: the watch on the run (set up already, as the
+    dataset was unpickled), and the worker's end once its loop returns."""
+    _watch_run(run_pid)
+    multiprocessing.util.Finalize(None, _end_worker, exitpriority=-100)  # the last of the worker's finalizers
+
+
+def _end_worker() -> None:
+    """Once a worker's loop has returned (the loader shut down), end the process as fork
+    and forkserver children end: ``os._exit``, not the interpreter's finalization, which
+    kills daemon threads that still run (a queue's feeder thread pickling a batch at
+    shutdown) in a way that can abort the process ("terminate called without an active
+    exception") and have torch report a dead worker. After an exception, the usual path."""
+    if sys.exc_info()[0] is None:  # called by multiprocessing's exit function, from a finally
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        os._exit(0)
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -269,14 +409,12 @@ class ImageFolderData:
             dataset = _Images(self.files, self.labels, self.image_size, self.eval_resize, self.scale, self.ratio,
                               self.skip_bad)
             workers = self.loader_workers
-            context = None
-            if workers > 0:
-                methods = multiprocessing.get_all_start_methods()
-                context = "forkserver" if "forkserver" in methods else "spawn"
             self._batches = _Batches()
             self._loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=self._batches, num_workers=workers, collate_fn=_collate,
-                pin_memory=pin_memory, persistent_workers=workers > 0, multiprocessing_context=context,
+                pin_memory=pin_memory, persistent_workers=workers > 0,
+                multiprocessing_context="spawn" if workers > 0 else None,  # children of this process: see the top
+                worker_init_fn=functools.partial(_die_with_run, os.getpid()) if workers > 0 else None,
                 prefetch_factor=4 if workers > 0 else None)
         return self._loader
 
