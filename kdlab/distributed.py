@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import RunError
+from .errors import RunError, first_line
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,25 @@ class Context:
         box = [value if self.main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def rank0_decides(self, decide, share=lambda result: result):
+        """Rank 0 runs ``decide()`` and every rank hears ``share(result)``: returns (the
+        result on rank 0, None elsewhere; the shared value). When ``decide`` raises, rank 0
+        re-raises and every other rank raises a RunError quoting it, so no rank waits
+        in a collective that will never come."""
+        if self.main:
+            try:
+                result = decide()
+            except BaseException as err:
+                self.broadcast(("error", first_line(err)))
+                raise
+            shared = share(result)
+            self.broadcast(("ok", shared))
+            return result, shared
+        status, shared = self.broadcast(None)
+        if status == "error":
+            raise RunError(f"rank {self.rank}: rank 0 stopped the run: {shared}")
+        return None, shared
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place."""

@@ -19,7 +19,6 @@ that fails before its first checkpoint leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from .config import Config
 from .data import load_dataset
 from .device import autocast, describe_device, resolve_bf16, resolve_device, to_device_layout
 from .distributed import SINGLE, context_from_env
-from .errors import ConfigError, RunError, first_line, warn
+from .errors import ConfigError, RunError, warn
 from .losses import distillation_loss
 from .models import build_model, check_model, count_parameters
 from .runs import (
@@ -42,7 +41,6 @@ from .runs import (
     atomic_write_text,
     file_sha256,
     load_weights,
-    parse_metrics,
     remove_stale_temporaries,
     torch_load,
 )
@@ -50,6 +48,7 @@ from .teacher_cache import TeacherCache
 from .teacher_store import TeacherStore
 from .training.checks import check_memory, check_processes, check_teacher_source
 from .training.evaluate import predict_split, split_metrics
+from .training.metrics import MetricsLog
 from .training.optim import make_ema, param_groups, scheduler_for
 from .training.probes import MutualInformationProbe
 from .training.rundir import claim_run_dir, load_checkpoint, remove_created, restore, threads_for_resume, write_meta
@@ -102,17 +101,10 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     closers = []  # what the loop opened (the TensorBoard writer): closed however it ends
     lock = created = None
     try:
-        if ctx.main:
-            try:
-                finished, lock, created = claim_run_dir(cfg, run_dir, wait_for_lock, log)
-            except BaseException as err:
-                ctx.broadcast(("error", first_line(err)))
-                raise
-            ctx.broadcast(("finished", finished) if finished is not None else ("train", None))
-        else:
-            status, finished = ctx.broadcast(None)
-            if status == "error":
-                raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {finished}")
+        claim, finished = ctx.rank0_decides(lambda: claim_run_dir(cfg, run_dir, wait_for_lock, log),
+                                            share=lambda claimed: claimed[0])
+        if claim is not None:
+            _, lock, created = claim
         if finished is not None:
             log(f"{run_dir}: finished already, nothing to do")
             decoded = finished.get("decode")
@@ -232,18 +224,11 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     checkpoint_path = run_dir / "checkpoint.pt"
-    if ctx.main:  # rank 0 checks (and sets aside a corrupt one) before the others read it
-        try:
-            state = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
-        except BaseException as err:
-            ctx.broadcast(("error", first_line(err)))
-            raise
-        ctx.broadcast(("ok", state is not None))
-    else:
-        status, has_state = ctx.broadcast(None)
-        if status == "error":
-            raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {has_state}")
-        state = torch_load(checkpoint_path) if has_state else None
+    # rank 0 checks the checkpoint (and sets aside a corrupt one) before the others read it
+    state, has_state = ctx.rank0_decides(lambda: load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None,
+                                         share=lambda loaded: loaded is not None)
+    if not ctx.main and has_state:
+        state = torch_load(checkpoint_path)
     if state is not None:
         threads_for_resume(cfg, state.get("torch_threads"), log)
     start_epoch = state["epoch"] if state is not None else 0
@@ -296,21 +281,13 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         if state is None and not ctx.main:  # dropout: each process its own stream (rank 0 keeps the seed's)
             torch.manual_seed((cfg.seed + 1) * 1_000_003 + ctx.rank)
     resume_step = state.get("step_in_epoch", 0) if state is not None else 0
-    metrics_path = run_dir / "metrics.jsonl"
-    previous = []
-    if metrics_path.exists() and ctx.main:
-        previous, partial = parse_metrics(metrics_path)
-        if partial:
-            warn(f"{metrics_path}: dropped a partial last line (an interrupted write)")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", ctx.main)
     tokens = data.tokens  # translation: rows are target tokens of token-budget batches
     steps_per_epoch = data.steps_per_epoch() if tokens else math.ceil(len(data.train_y) / opt_cfg.batch_size)
     accumulate = opt_cfg.accumulate
     opt_steps = math.ceil(steps_per_epoch / accumulate)  # optimizer steps an epoch
     resumed_at = start_epoch * opt_steps + resume_step // accumulate  # global (optimizer) steps done
-    if ctx.main:
-        atomic_write_text(metrics_path, "".join(  # epochs done, and MI lines of the steps done
-            json.dumps(m) + "\n" for m in previous
-            if m.get("epoch", 0) <= start_epoch or ("train_loss" not in m and m.get("step", math.inf) <= resumed_at)))
+    previous = metrics.resume(start_epoch, resumed_at)
     test_teacher = val_teacher = None
     if teachers is not None and not tokens:  # (token metrics run the teacher beside the student)
         val_teacher = teachers.predict(data, "val", cfg.eval_batch_size, cfg.channels_last, ctx)
@@ -450,8 +427,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             if writer is not None and step % 50 == 0:  # (one device sync every 50 steps)
                 writer.add_scalar("train/loss_step", loss.item(), step)
             if probe is not None and step % cfg.mutual_information.every_steps == 0:
-                with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps({"epoch": epoch + 1, "step": step, "mutual_information": probe(model)}) + "\n")
+                metrics.write({"epoch": epoch + 1, "step": step, "mutual_information": probe(model)})
             due = False
             if step_in_epoch + 1 < steps_per_epoch:  # (at the end of an accumulation group only)
                 if every_steps and step % every_steps == 0:
@@ -510,9 +486,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                         logits = predict_split(ema.module, data, split, cfg.eval_batch_size, bf16=bf16,
                                                channels_last=cfg.channels_last, ctx=ctx)
                         record.update({f"ema_{k}": v for k, v in split_metrics(split, logits, y, teacher_logits).items()})
-        if ctx.main:
-            with open(metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        metrics.write(record)
         if writer is not None:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, (int, float)):

@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 
 from .data.text import EOS
 from .device import autocast, model_device
-from .errors import RunError, first_line
 from .runs import atomic_save_npz, atomic_write_bytes, atomic_write_text
 
 TEMPERATURE_GRID = tuple(round(0.5 + 0.1 * k, 2) for k in range(21))  # 0.5 .. 2.5
@@ -430,23 +429,18 @@ def translation_outputs(cfg, run_dir: Path, model, data, bf16: bool, ctx, progre
     """A translation run's final outputs (``train`` calls it at the end): token calibration arrays for
     the analyses, translations of val and test as text, BLEU. Every rank decodes its share."""
     out = {"corpus": data.describe(), "decode": cfg.decode.model_dump(mode="json")}  # (not in the hash: as decoded)
-    if ctx.main:  # the run's own copy of its subwords: decoding and the analyses need no cache
-        try:
-            atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())
-            val, train_tokens, summary = calibration_outputs(model, data, bf16)
-            atomic_save_npz(run_dir / "eval_val_tokens.npz", **val)
-            atomic_save_npz(run_dir / "eval_train_tokens.npz", **train_tokens)
-        except BaseException as err:  # the other ranks wait to decode with rank 0: tell them
-            ctx.broadcast(("error", first_line(err)))
-            raise
-        ctx.broadcast(("ok", None))
+    def token_calibration():  # rank 0; the other ranks wait to decode with it (and hear if it fails)
+        atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())  # the run's own copy
+        val, train_tokens, summary = calibration_outputs(model, data, bf16)
+        atomic_save_npz(run_dir / "eval_val_tokens.npz", **val)
+        atomic_save_npz(run_dir / "eval_train_tokens.npz", **train_tokens)
+        return summary
+
+    summary, _ = ctx.rank0_decides(token_calibration, share=lambda summary: None)
+    if ctx.main:
         out["token_calibration"] = summary
         log(f"{run_dir.name}: token calibration on {summary['tokens']:,} validation tokens: ECE {summary['ece']:.4f}, "
             f"T = {summary['temperature']:.3f} -> ECE {summary['ece_ts']:.4f}")
-    else:
-        status, message = ctx.broadcast(None)
-        if status == "error":
-            raise RunError(f"rank {ctx.rank}: rank 0 stopped the run: {message}")
     bleu, decode = {}, cfg.decode
     passes = [("val", 0), ("test", 0)] + ([("test", decode.beam)] if decode.beam > 1 else [])
     for split, beam in passes:
