@@ -16,6 +16,8 @@ import torch
 from ..distributed import shard
 from ..errors import ConfigError, DataError
 from .augment import AUGMENTATIONS, Augmentation, get_augmentation
+from .imagefolder import load_imagefolder, parse_builtin
+from .noise import add_label_noise
 from .sources import (
     FASHION_MNIST_DEBIAN_DIR,
     FILE_LAYOUTS,
@@ -126,30 +128,6 @@ class Dataset:
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
 
 
-def add_label_noise(labels: np.ndarray, num_classes: int, rate: float, kind: str, seed: int):
-    """Flip exactly round(rate·N) labels, chosen uniformly without replacement.
-
-    ``symmetric`` (Kim §6): each chosen label becomes a uniformly drawn *different*
-    class (so ``rate`` is the true fraction of wrong labels; the convention that draws
-    from all K classes corrupts only rate·(K−1)/K). ``asymmetric``: class k → (k+1) mod K.
-    Returns (noisy labels, sorted flipped indices).
-    """
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
-    rng = np.random.default_rng(seed)
-    labels = labels.copy()
-    count = int(round(rate * len(labels)))
-    chosen = np.sort(rng.choice(len(labels), size=count, replace=False))
-    if kind == "symmetric":
-        offsets = rng.integers(1, num_classes, size=count)
-    elif kind == "asymmetric":
-        offsets = np.ones(count, dtype=np.int64)
-    else:
-        raise ValueError(f"unknown label noise {kind!r}: use 'symmetric' or 'asymmetric'")
-    labels[chosen] = (labels[chosen] + offsets) % num_classes
-    return labels, chosen
-
-
 def _data_root(cfg) -> Path:
     """data.root, or Debian's Fashion-MNIST folder when it is unset and installed;
     a DataError saying what to set otherwise (nothing is read)."""
@@ -189,8 +167,6 @@ def check_data_source(cfg) -> None:
             raise DataError("imagefolder: data.root is not set (a folder with train/<class>/ and val/<class>/ "
                             "image folders, ImageNet's layout); set it, e.g. data.root=/path/to/imagenet")
         if cfg.root.startswith("builtin:"):  # made from Debian's Fashion-MNIST on first use
-            from .imagefolder import parse_builtin
-
             parse_builtin(cfg.root)
             if not FASHION_MNIST_DEBIAN_DIR.is_dir():
                 raise DataError(f"data.root={cfg.root} is made from Debian's Fashion-MNIST: "
@@ -266,8 +242,6 @@ def load_dataset(cfg) -> Dataset:
         if cfg.augment not in ("auto", "none", "resized_crop_flip"):
             raise ConfigError(f"config key 'data.augment': {cfg.augment} is for in-memory data; image folders take "
                               "auto (= resized_crop_flip, ImageNet's RandomResizedCrop + flip) or none")
-        from .imagefolder import load_imagefolder
-
         return load_imagefolder(cfg)
     default_aug, num_classes = DATASETS[cfg.name]
     train_x, train_y, test_x, test_y = _read_arrays(cfg)

@@ -50,6 +50,7 @@ import torch
 
 from ..distributed import shard
 from ..errors import DataError, warn
+from .noise import add_label_noise
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -505,8 +506,6 @@ def load_imagefolder(cfg, num_workers: int | None = None) -> ImageFolderData:
             cfg.loader_workers if cfg.loader_workers is not None else default_loader_workers()),
         skip_bad=cfg.on_bad_image == "skip")
     if cfg.label_noise > 0:
-        from . import add_label_noise
-
         data.clean_train_y = torch.from_numpy(labels["train"].copy())
         labels["train"], data.noisy_indices = add_label_noise(labels["train"], len(classes), cfg.label_noise,
                                                               cfg.noise_type, cfg.noise_seed)

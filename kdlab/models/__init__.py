@@ -8,24 +8,12 @@ the penultimate activations (the input of the last linear layer).
 
 from __future__ import annotations
 
-import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-_FAMILIES: dict[str, tuple[re.Pattern, Callable[..., nn.Module], str, list[str]]] = {}
-
-
-def register_family(pattern: str, example_names: list[str], help: str):
-    """Register a builder ``fn(match, num_classes, input_shape) -> nn.Module``."""
-
-    def wrap(fn):
-        _FAMILIES[pattern] = (re.compile(pattern + r"\Z"), fn, help, example_names)
-        return fn
-
-    return wrap
-
+from .registry import _FAMILIES, positive_sizes, register_family  # noqa: F401 (the registry's API, here too)
 
 def list_models() -> list[str]:
     """Example names of every family (each family accepts any size its pattern allows)."""
@@ -84,13 +72,6 @@ def check_model(name: str, num_classes: int, input_shape: Sequence[int]) -> int:
         raise ValueError(f"{name} gives outputs of shape {tuple(out.shape)[1:]} for inputs of shape {input_shape}, "
                          f"not {num_classes} logits")
     return num_params
-
-
-def positive_sizes(name: str, **sizes: int) -> None:
-    """Builders' check: every named size is at least 1."""
-    for what, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"{name}: {what} must be at least 1, got {value}")
 
 
 def classifier_key(model: nn.Module) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_family
+from .registry import register_family
 
 
 class AlexNetCifar(nn.Module):

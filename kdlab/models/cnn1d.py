@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import positive_sizes, register_family
+from .registry import positive_sizes, register_family
 
 
 class CNN1d(nn.Module):

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import positive_sizes, register_family
+from .registry import positive_sizes, register_family
 
 
 class MLP(nn.Module):

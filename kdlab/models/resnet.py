@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_family
+from .registry import register_family
 
 
 class _Basic(nn.Module):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_family
+from .registry import register_family
 
 EXAMPLES = ["timm:resnet50", "timm:resnet152", "timm:inception_v4"]
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import positive_sizes, register_family
+from .registry import positive_sizes, register_family
 
 PAD, BOS, EOS = 0, 2, 3  # kdlab.data.text's sentencepiece ids
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import positive_sizes, register_family
+from .registry import positive_sizes, register_family
 
 
 class _Block(nn.Module):
