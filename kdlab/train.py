@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import load_dataset
-from .device import autocast, describe_device, resolve_bf16, resolve_device, to_device_layout
+from .device import autocast, describe_device, resolve_bf16, resolve_device
 from .distributed import SINGLE, context_from_env
 from .errors import ConfigError, RunError, warn
 from .losses import distillation_loss
@@ -283,7 +283,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     resume_step = state.get("step_in_epoch", 0) if state is not None else 0
     metrics = MetricsLog(run_dir / "metrics.jsonl", ctx.main)
     tokens = data.tokens  # translation: rows are target tokens of token-budget batches
-    steps_per_epoch = data.steps_per_epoch() if tokens else math.ceil(len(data.train_y) / opt_cfg.batch_size)
+    steps_per_epoch = data.steps_per_epoch(opt_cfg.batch_size)
     accumulate = opt_cfg.accumulate
     opt_steps = math.ceil(steps_per_epoch / accumulate)  # optimizer steps an epoch
     resumed_at = start_epoch * opt_steps + resume_step // accumulate  # global (optimizer) steps done
@@ -321,8 +321,6 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
                        mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
                        smoothing_mode=loss_cfg.smoothing_mode)
-    def global_rows(batch: int) -> int:  # rows of a whole global batch (every rank knows them)
-        return data.global_rows(batch) if tokens else min(opt_cfg.batch_size, n_train - batch * opt_cfg.batch_size)
 
     warmup_steps = opt_cfg.warmup_steps or opt_cfg.warmup_epochs * opt_steps
     inverse_sqrt = opt_cfg.schedule == "inverse_sqrt"
@@ -332,7 +330,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if writer is not None:
         closers.append(writer)
     params = list(model.parameters())
-    n_train, batch_size = (data.num_train if tokens else len(data.train_y)), opt_cfg.batch_size
+    n_train, batch_size = data.num_train, opt_cfg.batch_size
     can_skip = data.streamed and cfg.data.on_bad_image == "skip"  # batches may lose unreadable images
     done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
     train_time = sum(m["epoch_time_s"] for m in done_epochs)
@@ -386,14 +384,9 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             # DDP: the gradients of a group's first parts stay local (all-reduced once, with the last)
             local = train_model.no_sync() if ctx.active and not last_micro else contextlib.nullcontext()
             with local:
-                if tokens:  # logits rows of the batch's target tokens (padding dropped)
-                    x = raw
-                    with autocast(bf16, device.type):
-                        logits = data.forward(train_model, x)
-                else:
-                    x = to_device_layout(data.prepare(raw), cfg.channels_last)
-                    with autocast(bf16, device.type):
-                        logits = train_model(x)
+                x = data.inputs(raw, cfg.channels_last)
+                with autocast(bf16, device.type):  # logits rows: one per sample, or per target token
+                    logits = data.forward(train_model, x)
                 if cache is not None:
                     teacher_logits = cache.lookup(index, views, x)
                 else:
@@ -403,8 +396,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                     if can_skip:  # the mean over all its rows (DDP averages over ranks); over ranks: a collective
                         rows = ctx.all_reduce_(torch.tensor(float(len(index)), device=device))
                     else:
-                        rows = sum(global_rows(s) for s in range(group_start, min(group_start + accumulate,
-                                                                                 steps_per_epoch)))
+                        group_end = min(group_start + accumulate, steps_per_epoch)
+                        rows = sum(data.global_rows(s, batch_size) for s in range(group_start, group_end))
                     (loss * (len(index) * ctx.world / rows)).backward()
                 else:
                     loss.backward()

@@ -94,7 +94,8 @@ class TranslationData:
         """Target tokens (rows) of one epoch."""
         return sum(self._train_lengths[1])
 
-    def steps_per_epoch(self) -> int:
+    def steps_per_epoch(self, batch_size: int | None = None) -> int:
+        """Batches of an epoch (token-budget batches: ``batch_size`` plays no part)."""
         return len(self._batches)
 
     def smallest_batch(self) -> int:
@@ -104,9 +105,14 @@ class TranslationData:
         return {**self.corpus.describe(), "vocab_size": self.num_classes, "max_tokens": self.max_tokens,
                 "train_tokens": self.train_tokens(), "steps_per_epoch": len(self._batches)}
 
-    def global_rows(self, step_in_epoch: int) -> int:
+    def global_rows(self, step_in_epoch: int, batch_size: int | None = None) -> int:
         """Target tokens of the whole global batch ``step_in_epoch`` of the current epoch."""
         return self._global_rows[step_in_epoch]
+
+    @staticmethod
+    def inputs(raw, channels_last: bool = False):
+        """The model input of a batch as ``epoch_batches`` yields it: (src, tgt_in) as is."""
+        return raw
 
     def batch(self, split: str, sentences, device):
         """(src, tgt_in) on ``device`` and the target rows (labels), for sentence indices."""
