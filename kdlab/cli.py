@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from .errors import ConfigError, KdlabError
+from .errors import ConfigError, KdlabError, first_line
 
 
 def _cmd_train(args) -> int:
@@ -307,6 +307,11 @@ def _peer_lost(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_LOST))
 
 
+def _other_rank(rank: int, world: int) -> str:
+    """The rank a surviving process can name: the other one of two, else any."""
+    return f"rank {1 - rank}" if world == 2 else "another rank"
+
+
 def _error(message: str, code: int) -> int:
     """``kdlab: error: MESSAGE`` on stderr; under torchrun also in the rank's error file,
     so torchrun's own failure report shows this line instead of "To enable traceback see"."""
@@ -348,10 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         if torchrun is not None:
             rank, world = torchrun
-            who = f"rank {1 - rank}" if world == 2 else "another rank"
-            return _error(f"rank {rank}: stopped by SIGTERM: torchrun stops every rank when one ends ({who} of this "
-                          f"{world}-process run?) or the job was cancelled — torchrun's report says which; the last "
-                          f"checkpoint is kept: {resume}", 143)
+            return _error(f"rank {rank}: stopped by SIGTERM: torchrun stops every rank when one ends "
+                          f"({_other_rank(rank, world)} of this {world}-process run?) or the job was cancelled — "
+                          f"torchrun's report says which; the last checkpoint is kept: {resume}", 143)
         print(f"kdlab: stopped by SIGTERM (the last checkpoint is kept; {resume})", file=sys.stderr)
         return 143
     except BrokenPipeError:  # `kdlab reproduce --list | head`: the reader left, not an error
@@ -361,11 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         if torchrun is None or not _peer_lost(err):
             raise
         rank, world = torchrun
-        who = f"rank {1 - rank}" if world == 2 else "another rank"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        reason = reason.split("] ", 1)[-1].split(". ", 1)[0]  # (gloo: "[file:line] what. advice ...")
-        return _error(f"rank {rank}: lost {who} of this {world}-process run ({reason}): it died or was killed; the "
-                      f"last checkpoint is kept: {resume}", 1)
+        reason = first_line(err).split("] ", 1)[-1].split(". ", 1)[0]  # (gloo: "[file:line] what. advice ...")
+        return _error(f"rank {rank}: lost {_other_rank(rank, world)} of this {world}-process run ({reason}): it died "
+                      f"or was killed; the last checkpoint is kept: {resume}", 1)
     finally:
         if handled:
             signal.signal(signal.SIGTERM, previous)

@@ -487,7 +487,7 @@ def _format_error(err: ValidationError) -> str:
     return f"config key '{loc}': {msg}{more}" if loc else f"config: {msg}{more}"
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
+def yaml_problem(err: yaml.YAMLError) -> str:
     """One line for a YAML error: its problem and where (the first line alone can be just
     "while constructing a mapping")."""
     problem = getattr(err, "problem", None)
@@ -552,7 +552,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             data = yaml_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({_yaml_problem(err)})") from None
+            raise ConfigError(f"{path}: invalid YAML ({yaml_problem(err)})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text (a config is a YAML file)") from None
         except OSError as err:

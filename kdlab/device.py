@@ -57,3 +57,12 @@ def physical_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return system_memory_bytes()
+
+
+def memory_limit_bytes(memory_limit_gb: float | None, device: torch.device) -> float | None:
+    """The limit big allocations are checked against: ``memory_limit_gb``, else 90% of the
+    device's physical memory (None where the OS does not say)."""
+    if memory_limit_gb:
+        return memory_limit_gb * 1e9
+    total = physical_memory_bytes(device)
+    return 0.9 * total if total else None

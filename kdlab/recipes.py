@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import Config, _yaml_problem, apply_overrides, build_config, merge_dicts as _merge, yaml_load
+from .config import Config, apply_overrides, build_config, merge_dicts as _merge, yaml_load, yaml_problem
 from .errors import ConfigError
 
 
@@ -164,7 +164,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         first = err.errors()[0]
         raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({_yaml_problem(err)})") from None
+        raise ConfigError(f"{path}: invalid YAML ({yaml_problem(err)})") from None
     return recipe
 
 

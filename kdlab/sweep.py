@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, KdlabError, RunError
+from .errors import ConfigError, KdlabError, RunError, first_line
 from .recipes import Recipe, expand
 from .runs import RunLock, atomic_write_json, check_writable_dir, make_dirs, read_json
 
@@ -313,8 +313,7 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
                 ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
         except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"could not start or join {where}: {reason}") from None
+            raise ConfigError(f"could not start or join {where}: {first_line(err)}") from None
     processes = scale_spec.processes_per_run
     if processes > 1:  # N GPUs per run: one torchrun of N processes inside a task that holds them
         _check_gpus_per_node(ray, scale_spec.gpus_per_run)

@@ -39,9 +39,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import load_dataset
 from .data.text import EOS
-from .device import autocast, model_device
-from .runs import atomic_save_npz, atomic_write_bytes, atomic_write_text
+from .device import autocast, describe_device, memory_limit_bytes, model_device, resolve_device
+from .errors import ConfigError, RunError
+from .runs import (
+    atomic_save_npz,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_dir,
+    load_finished_model,
+    load_run_config,
+    make_dirs,
+    read_json,
+)
 
 TEMPERATURE_GRID = tuple(round(0.5 + 0.1 * k, 2) for k in range(21))  # 0.5 .. 2.5
 
@@ -256,27 +268,37 @@ def decode_passes_bytes(data, decode, size: tuple, split: str = "test",
         return 0, {}
     passes = [(split, None)]
     if decode.temperatures:
-        count = len(data.src["val"]) if decode.temperature_sentences is None else decode.temperature_sentences
-        passes.append(("val", list(range(min(count, len(data.src["val"]))))))
+        passes.append(("val", temperature_sentences(data, decode)))
     return max((beam_search_bytes(data, name, decode.beam, decode.extra_length, size, sentences, threads)
                 for name, sentences in passes), key=lambda pair: pair[0])
+
+
+def temperature_sentences(data, decode) -> list[int]:
+    """The validation sentences of the BLEU-against-T curve: the first
+    decode.temperature_sentences (all by default)."""
+    count = len(data.src["val"]) if decode.temperature_sentences is None else decode.temperature_sentences
+    return list(range(min(count, len(data.src["val"]))))
+
+
+def bleu_against_temperature(model, data, decode, ctx=None, progress: bool = True) -> dict:
+    """Müller's curve: validation BLEU of beam search (decode.beam) with the logits divided
+    by each of decode.temperatures (with a multi-process ``ctx`` every rank decodes its
+    share; the scores are rank 0's, None elsewhere)."""
+    sentences = temperature_sentences(data, decode)
+    main = ctx is None or ctx.main
+    curve = {"temperature": list(decode.temperatures), "bleu": [], "beam": decode.beam,
+             "sentences": len(sentences), "split": "val"}
+    for temperature in decode.temperatures:
+        hypotheses = translate(model, data, "val", decode.beam, decode.alpha, decode.extra_length, ctx, progress,
+                               temperature, sentences)
+        curve["bleu"].append(bleu_of(data, "val", hypotheses, sentences)[0] if main else None)
+    return curve
 
 
 def describe_beam_batch(where: dict) -> str:
     """The batch a beam-search estimate is for, in words."""
     return (f"{where['sentences']:,} {where['split']} sentences × {where['beam']:,} beams × "
             f"{where['vocab']:,} pieces, up to {where['steps']} steps")
-
-
-def _decode_limit(memory_limit_gb, device: torch.device) -> float | None:
-    """The memory limit as training's check_memory takes it: memory_limit_gb, or 90% of
-    the device's physical memory."""
-    from .device import physical_memory_bytes
-
-    if memory_limit_gb:
-        return memory_limit_gb * 1e9
-    total = physical_memory_bytes(device)
-    return 0.9 * total if total else None
 
 
 def _decode_tag(split: str, decode) -> str:
@@ -299,7 +321,6 @@ def _decode_settings(cfg, beam, alpha, extra_length, temperatures, temperature_s
     from pydantic import ValidationError
 
     from .config import DecodeConfig
-    from .errors import ConfigError
 
     if beam is not None and beam < 0:
         raise ConfigError(f"--beam takes a beam width (0 or 1: greedy decoding), got {beam}")
@@ -346,14 +367,6 @@ def decode_run(run_dir, *, beam: int | None = None, alpha: float | None = None, 
     90% of the device's memory) before anything is decoded. Returns bleu.json's dict
     with ``dir`` added.
     """
-    from pathlib import Path
-
-    from .data import load_dataset
-    from .errors import ConfigError, RunError
-    from .runs import atomic_write_json, atomic_write_text, check_writable_dir, load_finished_model, \
-        load_run_config, read_json
-    from .device import describe_device, resolve_device
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run dir {run_dir} does not exist")
@@ -386,7 +399,7 @@ def decode_run(run_dir, *, beam: int | None = None, alpha: float | None = None, 
         raise RunError(f"{run_dir / 'tokenizer.model'}: the run's subwords differ from the corpus's cached "
                        f"sentencepiece model {data.tokenizer_path}")
     need, where = decode_passes_bytes(data, decode, size, split)
-    limit = _decode_limit(memory_limit_gb or cfg.memory_limit_gb, target)
+    limit = memory_limit_bytes(memory_limit_gb or cfg.memory_limit_gb, target)
     if limit is not None and need + 4 * size[3] > limit:
         raise ConfigError(f"--beam {decode.beam}: beam search would need ~{(need + 4 * size[3]) / 1e9:,.3g} GB "
                           f"({describe_beam_batch(where)}) but the limit is {limit / 1e9:,.3g} GB "
@@ -404,17 +417,9 @@ def decode_run(run_dir, *, beam: int | None = None, alpha: float | None = None, 
            "decode": decode.model_dump(mode="json"), "device": describe_device(target),
            "torch_threads": torch.get_num_threads(), "memory_estimate_bytes": need}
     if decode.temperatures:
-        count = len(data.src["val"]) if decode.temperature_sentences is None else decode.temperature_sentences
-        sentences = list(range(min(count, len(data.src["val"]))))
-        curve = {"temperature": list(decode.temperatures), "bleu": [], "beam": decode.beam,
-                 "sentences": len(sentences), "split": "val"}
-        for temperature in decode.temperatures:
-            curve_hypotheses = translate(model, data, "val", decode.beam, decode.alpha, decode.extra_length,
-                                         progress=progress, temperature=temperature, sentences=sentences)
-            curve["bleu"].append(bleu_of(data, "val", curve_hypotheses, sentences)[0])
-        out["bleu_temperature"] = curve
+        out["bleu_temperature"] = curve = bleu_against_temperature(model, data, decode, None, progress)
     directory = run_dir / "decode" / _decode_tag(split, decode)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory, "the run dir")
     atomic_write_text(directory / f"translations_{split}_{kind}.txt", "".join(h + "\n" for h in hypotheses))
     atomic_write_json(directory / "bleu.json", out)
     out["dir"] = str(directory)
@@ -429,6 +434,7 @@ def translation_outputs(cfg, run_dir: Path, model, data, bf16: bool, ctx, progre
     """A translation run's final outputs (``train`` calls it at the end): token calibration arrays for
     the analyses, translations of val and test as text, BLEU. Every rank decodes its share."""
     out = {"corpus": data.describe(), "decode": cfg.decode.model_dump(mode="json")}  # (not in the hash: as decoded)
+
     def token_calibration():  # rank 0; the other ranks wait to decode with it (and hear if it fails)
         atomic_write_bytes(run_dir / "tokenizer.model", data.tokenizer_path.read_bytes())  # the run's own copy
         val, train_tokens, summary = calibration_outputs(model, data, bf16)
@@ -460,14 +466,7 @@ def translation_outputs(cfg, run_dir: Path, model, data, bf16: bool, ctx, progre
             log(f"{run_dir.name}: {split} BLEU ({kind}) {score:.2f} ({len(hypotheses) / seconds:.1f} sentences/s)")
     out["bleu"] = bleu
     if decode.temperatures:  # Müller: BLEU against the softmax temperature (beam search on validation)
-        count = len(data.src["val"]) if decode.temperature_sentences is None else decode.temperature_sentences
-        sentences = list(range(min(count, len(data.src["val"]))))
-        curve = {"temperature": list(decode.temperatures), "bleu": [], "beam": decode.beam,
-                 "sentences": len(sentences), "split": "val"}
-        for temperature in decode.temperatures:
-            hypotheses = translate(model, data, "val", decode.beam, decode.alpha, decode.extra_length, ctx, progress,
-                                   temperature, sentences)
-            curve["bleu"].append(bleu_of(data, "val", hypotheses, sentences)[0] if ctx.main else None)
+        curve = bleu_against_temperature(model, data, decode, ctx, progress)
         if ctx.main:
             out["bleu_temperature"] = curve
             log(f"{run_dir.name}: validation BLEU (beam {decode.beam}) against T: " +

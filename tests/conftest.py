@@ -105,3 +105,42 @@ def write_image_folder(root: Path, train_per_class: int = 12, val_per_class: int
                 suffix = ".png" if k % 2 == 0 else ".jpg"
                 image.save(folder / f"{split}_{i:04d}{suffix}")
     return root
+
+
+# --- processes (from /proc), for the kill tests ------------------------------------------
+
+def _process_stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent pid, start time) of ``pid``, or None when there is no such process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), fields[19]
+
+
+def process_descendants(pid: int) -> dict[int, tuple[str, str]]:
+    """pid -> (start time, command line) of every live descendant of ``pid``."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _process_stat(int(entry.name))
+            if stat is not None and stat[0] != "Z":
+                parents[int(entry.name)] = stat
+    found, frontier = {}, [pid]
+    while frontier:
+        current = frontier.pop()
+        for child, (_, parent, start) in parents.items():
+            if parent == current and child not in found:
+                try:
+                    command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    command = ""
+                found[child] = (start, command)
+                frontier.append(child)
+    return found
+
+
+def process_alive(pid: int, start: str) -> bool:
+    """``pid`` is alive and is still the process that started at ``start`` (not a reuse)."""
+    stat = _process_stat(pid)
+    return stat is not None and stat[0] != "Z" and stat[2] == start

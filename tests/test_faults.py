@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import config_with
+from conftest import config_with, process_alive, process_descendants
 from kdlab.runs import read_metrics
 from kdlab.train import train
 
@@ -167,32 +167,6 @@ def test_two_concurrent_starts_train_once(tmp_path):
     assert epochs == list(range(1, 31))
 
 
-def _children(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        kids = [p for p, parent in parents.items() if parent == current]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
 def test_killed_sweep_leaves_no_worker_and_its_rerun_loses_nothing(tmp_path):
     recipe = {"id": "tiny-faults", "title": "kill a sweep", "source": "tests",
@@ -210,14 +184,14 @@ def test_killed_sweep_leaves_no_worker_and_its_rerun_loses_nothing(tmp_path):
     while sum(1 for m in out.glob("*/metrics.jsonl") if m.stat().st_size) < 2:  # both workers training
         assert time.monotonic() < deadline and sweep.poll() is None, "the sweep did not start two runs"
         time.sleep(0.05)
-    workers = _children(sweep.pid)
+    workers = process_descendants(sweep.pid)  # pid -> (start time, command line)
     assert len(workers) >= 2
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+    while any(process_alive(p, start) for p, (start, _) in workers.items()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in workers if _alive(p)], "workers outlived their sweep"
+    assert not [p for p, (start, _) in workers.items() if process_alive(p, start)], "workers outlived their sweep"
 
     rerun = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr

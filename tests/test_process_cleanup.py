@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_image_folder
+from conftest import process_alive, process_descendants, write_image_folder
 
 pytest.importorskip("PIL")
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc to find the processes")
@@ -32,47 +32,11 @@ def folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("images") / "digits", train_per_class=15, val_per_class=5)
 
 
-def _stat(pid: int) -> tuple[str, int, str] | None:
-    """(state, parent pid, start time) of ``pid``, or None when there is no such process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[1]), fields[19]
-
-
-def _descendants(pid: int) -> dict[int, tuple[str, str]]:
-    """pid -> (start time, command line) of every live descendant of ``pid``."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _stat(int(entry.name))
-            if stat is not None and stat[0] != "Z":
-                parents[int(entry.name)] = stat
-    found, frontier = {}, [pid]
-    while frontier:
-        current = frontier.pop()
-        for child, (_, parent, start) in parents.items():
-            if parent == current and child not in found:
-                try:
-                    command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    command = ""
-                found[child] = (start, command)
-                frontier.append(child)
-    return found
-
-
-def _alive(pid: int, start: str) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] != "Z" and stat[2] == start
-
-
 def _survivors(processes: dict) -> dict:
     """Those of ``processes`` still alive after at most GONE_WITHIN seconds."""
     deadline = time.monotonic() + GONE_WITHIN
     while True:
-        alive = {pid: info for pid, info in processes.items() if _alive(pid, info[0])}
+        alive = {pid: info for pid, info in processes.items() if process_alive(pid, info[0])}
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
@@ -85,16 +49,16 @@ def _kill(process: subprocess.Popen, when, stderr_path: Path) -> tuple[dict, str
     while True:
         assert process.poll() is None, f"ended before the kill: {stderr_path.read_text()}"
         assert time.monotonic() < deadline, f"the kill point never came: {stderr_path.read_text()}"
-        descendants = _descendants(process.pid)
+        descendants = process_descendants(process.pid)
         if when(descendants):
             break
         time.sleep(0.02)
-    descendants = _descendants(process.pid)  # the freshest snapshot
+    descendants = process_descendants(process.pid)  # the freshest snapshot
     process.send_signal(signal.SIGKILL)
     process.wait()
     survivors = _survivors(descendants)
     for pid, (start, _) in survivors.items():  # leave nothing behind, even when failing
-        if _alive(pid, start):
+        if process_alive(pid, start):
             os.kill(pid, signal.SIGKILL)
     assert not survivors, f"outlived the killed process: {survivors}"
     return descendants, stderr_path.read_text()

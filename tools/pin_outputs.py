@@ -381,58 +381,33 @@ def _side_main(argv: list[str]) -> int:
 # (The same ideas as tests/conftest.py and tests/test_translation_run.py.)
 # ---------------------------------------------------------------------------------------
 
-def write_image_folder(root: Path, train_per_class=10, val_per_class=3, classes=4, size=24, seed=0) -> None:
-    """ImageNet's layout (root/train/<class>/*, root/val/<class>/*) of scikit-learn's 8×8
-    digits upscaled by Pillow to varying sizes, half PNG and half JPEG."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 
-    rng = np.random.default_rng(seed)
-    bunch = load_digits()
-    images = np.clip(bunch.images * 16, 0, 255).astype(np.uint8)
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for label in range(classes):
-            folder = root / split / f"class_{label:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            picks = rng.choice(np.flatnonzero(bunch.target == label), per_class, replace=False)
-            for k, i in enumerate(picks):
-                width, height = size + int(rng.integers(0, size // 2)), size + int(rng.integers(0, size // 3))
-                image = Image.fromarray(images[i]).resize((width, height), Image.BILINEAR).convert("RGB")
-                image.save(folder / f"{split}_{i:04d}{'.png' if k % 2 == 0 else '.jpg'}")
-    # one unreadable training image: runs on this folder set data.on_bad_image=skip
+
+def write_image_folder(root: Path) -> None:
+    """The tests' tiny image folder (tests/conftest.py), and one unreadable training image:
+    runs on this folder set data.on_bad_image=skip."""
+    sys.path.insert(0, str(TESTS))
+    from conftest import write_image_folder as write
+
+    write(root, train_per_class=10, val_per_class=3)
     (root / "train" / "class_01" / "train_9999.jpg").write_bytes(b"\xff\xd8\xff not a JPEG")
 
 
-ENGLISH = "zero one two three four five six seven eight nine".split()
-GERMAN = "null eins zwei drei vier fünf sechs sieben acht neun".split()
+def write_corpus(root: Path) -> None:
+    """The tests' numbers corpus (tests/test_translation_run.py), smaller."""
+    sys.path.insert(0, str(TESTS))
+    from test_translation_run import write_corpus as write
+
+    write(root, sizes=(160, 20, 20))
 
 
-def write_corpus(root: Path, sizes=(160, 20, 20), seed=0) -> None:
-    """Numbers spelled out, English -> German, 3-7 words a sentence."""
-    import numpy as np
+def write_cifar10(root: Path) -> None:
+    """The tests' CIFAR-10 pickles (tests/conftest.py)."""
+    sys.path.insert(0, str(TESTS))
+    from conftest import write_cifar
 
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in zip(("train", "valid", "test"), sizes):
-        rows = [rng.integers(0, 10, rng.integers(3, 8)) for _ in range(n)]
-        (root / f"{split}.en").write_text("".join(" ".join(ENGLISH[k] for k in r) + "\n" for r in rows))
-        (root / f"{split}.de").write_text("".join(" ".join(GERMAN[k] for k in r) + "\n" for r in rows))
-
-
-def write_cifar10(root: Path, n_per_file=12, seed=0) -> None:
-    """CIFAR-10 python-pickle batches as the originals: dicts with bytes keys."""
-    import pickle
-
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8),
-                 b"labels": [int(v) for v in rng.integers(0, 10, n_per_file)], b"batch_label": b"x"}
-        with open(root / name, "wb") as handle:
-            pickle.dump(batch, handle, protocol=2)
+    write_cifar(root, 10)
 
 
 INPUT_WRITERS = {"imagefolder": write_image_folder, "corpus": write_corpus, "cifar10": write_cifar10}

@@ -157,15 +157,14 @@ def bootstrap_bytes(n_resamples: int, rows: int) -> int:
 def check_bootstrap_memory(n_resamples: int, rows: int, limit_bytes: int | None = None) -> None:
     """A one-line error, before any work, when the bootstrap would not fit in memory
     (default limit: 90% of physical memory)."""
+    from ..device import memory_limit_bytes
     from ..errors import ConfigError
-    from ..runs import system_memory_bytes
 
     if limit_bytes is None:
-        total = system_memory_bytes()
-        limit_bytes = int(0.9 * total) if total else None
+        limit_bytes = memory_limit_bytes(None, torch.device("cpu"))
     need = bootstrap_bytes(n_resamples, rows)
     if limit_bytes is not None and need > limit_bytes:
-        most = max(1, limit_bytes // (8 * rows + 32))
+        most = max(1, int(limit_bytes // (8 * rows + 32)))
         raise ConfigError(f"--bootstrap {n_resamples}: {n_resamples:,} resamples of {rows:,} rows would need "
                           f"~{need / 1e9:,.3g} GB, above the {limit_bytes / 1e9:,.3g} GB limit (90% of memory); "
                           f"use at most {most:,} (the default is 200)")

@@ -7,18 +7,17 @@ split's per-channel mean and std (:meth:`Dataset.prepare`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..device import to_device_layout
 from ..distributed import shard
 from ..errors import ConfigError, DataError
 from .augment import AUGMENTATIONS, Augmentation, get_augmentation
 from .imagefolder import load_imagefolder, parse_builtin
+from .rows import sample_rows
 from .noise import add_label_noise
 from .sources import (
     FASHION_MNIST_DEBIAN_DIR,
@@ -90,27 +89,12 @@ class Dataset:
     streamed = False  # in memory (the fast path); kdlab.data.imagefolder streams from disk
     tokens = False  # rows are samples (kdlab.data.translation: target tokens)
 
-    # --- the batch protocol (what the training loop asks of every kind of data) ---------
-
-    @property
-    def num_train(self) -> int:
-        return len(self.train_y)
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(self.num_train / batch_size)
-
-    def global_rows(self, step_in_epoch: int, batch_size: int) -> int:
-        """Samples of the whole global batch ``step_in_epoch`` (the last one may be short)."""
-        return min(batch_size, self.num_train - step_in_epoch * batch_size)
-
-    def inputs(self, raw: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        """The model input of a raw batch: normalised (``prepare``), channels-last if asked."""
-        return to_device_layout(self.prepare(raw), channels_last)
-
-    @staticmethod
-    def forward(model, x: torch.Tensor) -> torch.Tensor:
-        """Logits rows of a batch: one per sample."""
-        return model(x)
+    # the batch protocol (kdlab/data/rows.py): rows are samples
+    num_train = property(sample_rows.num_train)
+    steps_per_epoch = sample_rows.steps_per_epoch
+    global_rows = sample_rows.global_rows
+    inputs = sample_rows.inputs
+    forward = staticmethod(sample_rows.forward)
 
     def split_labels(self, split: str) -> torch.Tensor:
         return self.split(split)[1]

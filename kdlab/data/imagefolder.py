@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..device import to_device_layout
 from ..distributed import shard
 from ..errors import DataError, warn
+from .rows import sample_rows
 from .noise import add_label_noise
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -395,27 +395,12 @@ class ImageFolderData:
     def split_labels(self, split: str) -> torch.Tensor:
         return torch.from_numpy(self.labels[split])
 
-    # --- the batch protocol (what the training loop asks of every kind of data) ---------
-
-    @property
-    def num_train(self) -> int:
-        return len(self.labels["train"])
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(self.num_train / batch_size)
-
-    def global_rows(self, step_in_epoch: int, batch_size: int) -> int:
-        """Samples of the whole global batch ``step_in_epoch`` (the last one may be short)."""
-        return min(batch_size, self.num_train - step_in_epoch * batch_size)
-
-    def inputs(self, raw: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        """The model input of a raw batch: normalised (``prepare``), channels-last if asked."""
-        return to_device_layout(self.prepare(raw), channels_last)
-
-    @staticmethod
-    def forward(model, x: torch.Tensor) -> torch.Tensor:
-        """Logits rows of a batch: one per sample."""
-        return model(x)
+    # the batch protocol (kdlab/data/rows.py): rows are samples
+    num_train = property(sample_rows.num_train)
+    steps_per_epoch = sample_rows.steps_per_epoch
+    global_rows = sample_rows.global_rows
+    inputs = sample_rows.inputs
+    forward = staticmethod(sample_rows.forward)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float32 on its device: (x/255 − mean)/std as one fused

@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..data import Dataset
-from ..device import physical_memory_bytes
+from ..device import memory_limit_bytes
 from ..errors import ConfigError
 from ..teacher_cache import table_bytes
 from ..translate import decode_passes_bytes, decoder_size, describe_beam_batch
@@ -43,8 +43,7 @@ def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, in
 
 def check_memory(cfg: Config, data: Dataset, num_params: int, device: torch.device) -> None:
     """Refuse, with the numbers, a run whose estimated allocations exceed the limit."""
-    total = physical_memory_bytes(device)
-    limit = cfg.memory_limit_gb * 1e9 if cfg.memory_limit_gb else (0.9 * total if total else None)
+    limit = memory_limit_bytes(cfg.memory_limit_gb, device)
     if limit is None:
         return
     items = estimate_memory(cfg, data, num_params)
