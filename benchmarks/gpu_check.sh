@@ -102,7 +102,7 @@ EOF
 if [ "$SMALL" != 1 ]; then
     # -v: xdist prints each result as it comes, so failures are named even if the deadline cuts the run
     step pytest 300 bash -c "$PY -m pytest -v --maxfail=40 -p no:cacheprovider -n 14 -rf --timeout 120 \
-        -W ignore::pytest_benchmark.logger.PytestBenchmarkWarning tests > '$OUT_DIR/pytest.txt' 2>&1"
+        -p no:benchmark tests > '$OUT_DIR/pytest.txt' 2>&1"
     grep -E "FAILED|ERROR|passed|failed" "$OUT_DIR/pytest.txt" | tail -40
 fi
 echo "== done in $((SECONDS - START))s"
