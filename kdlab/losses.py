@@ -142,6 +142,21 @@ def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     teacher_logits: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """L = (1 - α)·CE(ỹ, z_s) + α·KD(z_s, z_t)   (Kim Eq. 2; Müller A.5 with α = 0.6).
+
+    ỹ are the labels smoothed by :func:`smooth_labels`; KD is :func:`kl_loss` or
+    :func:`mse_loss`. α = 0 needs no teacher; α > 0 does. A term whose weight is zero is
+    not computed. Keywords as :func:`distillation_loss_parts`, which also names the terms.
+    """
+    return distillation_loss_parts(student_logits, labels, teacher_logits, **kwargs)[0]
+
+
+def distillation_loss_parts(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
     *,
     alpha: float = 0.0,
     kd: Literal["kl", "mse"] = "kl",
@@ -150,21 +165,21 @@ def distillation_loss(
     mse_reduction: MSEReduction = "sum",
     smoothing: float = 0.0,
     smoothing_mode: SmoothingMode = "uniform",
-) -> torch.Tensor:
-    """L = (1 - α)·CE(ỹ, z_s) + α·KD(z_s, z_t)   (Kim Eq. 2; Müller A.5 with α = 0.6).
-
-    ỹ are the labels smoothed by :func:`smooth_labels`; KD is :func:`kl_loss` or
-    :func:`mse_loss`. α = 0 needs no teacher; α > 0 does. A term whose weight is zero is
-    not computed.
-    """
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`distillation_loss` and its weighted terms, which sum to it: ``ce`` = (1 − α)·CE
+    with hard labels, or ``ls`` = (1 − α)·CE with smoothed ones (ε > 0), and ``kd`` =
+    α·KD. A term whose weight is zero is neither computed nor named."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     total = student_logits.new_zeros((), dtype=torch.float32)
+    parts = {}
     if alpha < 1.0:
         targets = labels if smoothing == 0.0 else smooth_labels(
             labels, student_logits.shape[-1], smoothing, smoothing_mode
         )
-        total = total + (1.0 - alpha) * cross_entropy(student_logits, targets)
+        part = (1.0 - alpha) * cross_entropy(student_logits, targets)
+        parts["ce" if smoothing == 0.0 else "ls"] = part
+        total = total + part
     if alpha > 0.0:
         if teacher_logits is None:
             raise ValueError("alpha > 0 needs teacher logits")
@@ -174,5 +189,6 @@ def distillation_loss(
             term = mse_loss(student_logits, teacher_logits, mse_reduction)
         else:
             raise ValueError(f"unknown KD objective {kd!r}: use 'kl' or 'mse'")
-        total = total + alpha * term
-    return total
+        parts["kd"] = alpha * term
+        total = total + parts["kd"]
+    return total, parts

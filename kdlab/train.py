@@ -29,10 +29,9 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import load_dataset
-from .device import autocast, describe_device, resolve_bf16, resolve_device
+from .device import describe_device, resolve_bf16, resolve_device
 from .distributed import SINGLE, context_from_env
 from .errors import ConfigError, RunError, warn
-from .losses import distillation_loss
 from .models import build_model, check_model, count_parameters
 from .runs import (
     atomic_save_npz,
@@ -44,8 +43,7 @@ from .runs import (
     remove_stale_temporaries,
     torch_load,
 )
-from .teacher_cache import TeacherCache
-from .teacher_store import TeacherStore
+from .training.distill import LogitDistiller, open_teacher_source
 from .training.checks import check_memory, check_processes, check_teacher_source
 from .training.evaluate import predict_split, split_metrics
 from .training.metrics import MetricsLog
@@ -170,6 +168,18 @@ def _sum_over_ranks(ctx, device, loss_sum, correct, seen: int, skipped: int):
     return loss_sum, correct, int(counts[0]), int(counts[1])
 
 
+def _zero_parts(names, device) -> dict:
+    """An epoch's running sums of the loss parts (float64 on the device: no sync per step)."""
+    return {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
+
+
+def _sum_parts_over_ranks(ctx, part_sums: dict) -> dict:
+    """The loss parts' running sums over every rank (unchanged in one process)."""
+    if not ctx.active:
+        return part_sums
+    return {name: ctx.all_reduce_(value.clone()) for name, value in part_sums.items()}
+
+
 def _checkpoint_cadence(cfg: Config, data) -> tuple[int | None, float | None]:
     """(every N steps, every S seconds) of checkpoints within an epoch (epoch ends always).
     Default: none for in-memory data (an epoch is short), every 5 minutes for streamed data
@@ -271,13 +281,16 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             log(f"{run_dir}: resuming in epoch {start_epoch + 1} after step {state['step_in_epoch']}")
         else:
             log(f"{run_dir}: resuming after epoch {start_epoch}")
-    # DDP wraps the student only (teachers stay frozen and unwrapped); `model` is the module
-    # itself for evaluation, EMA and saving
-    train_model = model
+    distiller = LogitDistiller(model, open_teacher_source(cfg, data, teachers, ctx, bf16, log, progress), loss_cfg,
+                               device.type, bf16)
+    part_names = distiller.part_names
+    # DDP wraps what the distiller trains (the student; teachers stay frozen and unwrapped);
+    # `model` is the student itself for evaluation, EMA and saving
+    train_model = distiller.module
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+        train_model = DistributedDataParallel(distiller.module, device_ids=[device.index] if on_cuda else None)
         if state is None and not ctx.main:  # dropout: each process its own stream (rank 0 keeps the seed's)
             torch.manual_seed((cfg.seed + 1) * 1_000_003 + ctx.rank)
     resume_step = state.get("step_in_epoch", 0) if state is not None else 0
@@ -292,36 +305,6 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if teachers is not None and not tokens:  # (token metrics run the teacher beside the student)
         val_teacher = teachers.predict(data, "val", cfg.eval_batch_size, cfg.channels_last, ctx)
         test_teacher = teachers.predict(data, "test", cfg.eval_batch_size, cfg.channels_last, ctx)
-    use_teacher_in_step = teachers is not None and loss_cfg.alpha > 0
-    cache = store = None
-    if use_teacher_in_step and data.streamed and cfg.teacher.store.crops:
-        store = TeacherStore(teachers, data, cfg.teacher.store, Path(cfg.out_dir) / ".teacher-store", log, bf16,
-                             loss_cfg.tau)
-        if ctx.main:  # rank 0 builds (or finds) the store, the others then open it
-            store.build(cfg.eval_batch_size, progress)
-        ctx.barrier()
-        if not ctx.main:
-            store.build(cfg.eval_batch_size, False)
-        cache = store  # looked up by (image, crop number): the same call as the exact table
-    if use_teacher_in_step and cfg.teacher.cache.mode != "off" and not data.streamed:
-        def open_cache():
-            try:
-                return TeacherCache(teachers, data, cfg.teacher.cache, Path(cfg.out_dir) / ".teacher-cache", log, bf16)
-            except MemoryError as err:
-                log(f"{err}: running the teacher online instead")
-                return None
-
-        if ctx.main:  # rank 0 reads, builds and saves the table; the others then read it
-            cache = open_cache()
-            if cache is not None and cfg.teacher.cache.mode == "full":
-                cache.build(cfg.eval_batch_size, progress)
-        ctx.barrier()
-        if not ctx.main:
-            cache = open_cache()
-    loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau, kl_scaling=loss_cfg.kl_scaling,
-                       mse_reduction=loss_cfg.mse_reduction, smoothing=loss_cfg.smoothing,
-                       smoothing_mode=loss_cfg.smoothing_mode)
-
     warmup_steps = opt_cfg.warmup_steps or opt_cfg.warmup_epochs * opt_steps
     inverse_sqrt = opt_cfg.schedule == "inverse_sqrt"
     writer = _tensorboard_writer(cfg, run_dir, resumed_at + 1) if ctx.main else None
@@ -347,23 +330,29 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             epoch_generator = state["epoch_generator"]
             generator.set_state(epoch_generator)
             elapsed, epoch_lrs = partial["elapsed"], partial["lrs"]
+            part_sums = _zero_parts(part_names, device)
             if ctx.main:  # (the checkpoint holds the sums over all ranks: rank 0 carries them)
                 loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
                 seen, skipped = partial["seen"], partial["skipped"]
+                for name, value in partial.get("parts", {}).items():
+                    part_sums[name] = value.to(device)
             else:
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 correct = torch.zeros((), dtype=torch.int64, device=device)
                 seen, skipped = 0, 0
+            parts_known = "parts" in partial  # (a checkpoint of an older kdlab has no parts: not reported)
         else:
             epoch_generator = generator.get_state()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen, skipped, elapsed = 0, 0, 0.0
+            part_sums, parts_known = _zero_parts(part_names, device), True
             epoch_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule's lr of this epoch
         # the data order and each sample's view come from the checkpointed generator (drawn
         # on the CPU); in-memory data is augmented on the device, streamed data by the loader.
         # A resumed epoch draws the batches done again (cheap: numbers only) and skips them.
         where = {"start_batch": first, "ctx": ctx}  # (each rank: its slice of every global batch)
+        store = distiller.source.crop_store
         batches = data.epoch_batches(generator, batch_size, device, store, **where) if store \
             else data.epoch_batches(generator, batch_size, device, **where)
         for step_in_epoch, (raw, y, index, views, bad) in enumerate(batches, start=first):
@@ -385,13 +374,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             local = train_model.no_sync() if ctx.active and not last_micro else contextlib.nullcontext()
             with local:
                 x = data.inputs(raw, cfg.channels_last)
-                with autocast(bf16, device.type):  # logits rows: one per sample, or per target token
-                    logits = data.forward(train_model, x)
-                if cache is not None:
-                    teacher_logits = cache.lookup(index, views, x)
-                else:
-                    teacher_logits = teachers(x, bf16) if use_teacher_in_step else None
-                loss = distillation_loss(logits, y, teacher_logits, **loss_kwargs)
+                loss, logits, parts = distiller(data, train_model, x, y, index, views)
                 if ctx.active or accumulate > 1:  # weigh each part's mean by its rows: the step's gradient is
                     if can_skip:  # the mean over all its rows (DDP averages over ranks); over ranks: a collective
                         rows = ctx.all_reduce_(torch.tensor(float(len(index)), device=device))
@@ -402,6 +385,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                 else:
                     loss.backward()
             loss_sum += loss.detach().double() * len(index)
+            for name, part in parts.items():
+                part_sums[name] += part.detach().double() * len(index)
             correct += (logits.detach().argmax(1) == y).sum()
             if not last_micro:
                 continue
@@ -432,7 +417,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             if due:
                 sums = _sum_over_ranks(ctx, device, loss_sum, correct, seen, skipped)
                 partial = {"loss_sum": sums[0].cpu(), "correct": sums[1].cpu(), "seen": sums[2], "skipped": sums[3],
-                           "elapsed": elapsed + time.perf_counter() - started, "lrs": epoch_lrs}
+                           "elapsed": elapsed + time.perf_counter() - started, "lrs": epoch_lrs,
+                           "parts": {k: v.cpu() for k, v in _sum_parts_over_ranks(ctx, part_sums).items()}}
                 rank_rng = _rank_rng(ctx, device)
                 if ctx.main:
                     atomic_torch_save(_checkpoint(epoch, model, optimizer, scheduler, generator, device, ema,
@@ -450,6 +436,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         if on_cuda:
             torch.cuda.synchronize(device)  # the epoch's kernels are queued, not finished
         loss_sum, correct, seen, skipped = _sum_over_ranks(ctx, device, loss_sum, correct, seen, skipped)
+        part_sums = _sum_parts_over_ranks(ctx, part_sums)
         epoch_time = elapsed + time.perf_counter() - started
         train_time += epoch_time
         train_loss = (loss_sum / max(seen, 1)).item()
@@ -460,6 +447,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                            f"(lower optim.lr or set optim.grad_clip; {kept})")
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
                   "epoch_time_s": epoch_time, ("tokens_per_s" if tokens else "images_per_s"): seen / epoch_time}
+        if parts_known:  # the loss's named parts (weighted: they sum to train_loss)
+            record.update({f"train_{name}": (value / max(seen, 1)).item() for name, value in part_sums.items()})
         if skipped:
             record["skipped_images"] = skipped
         if tokens and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs):
@@ -495,12 +484,10 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                            {"img_s": f"{record['images_per_s']:.0f}"}))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
             bar.close()
-            if cache is not None and store is None and ctx.main:
-                cache.save()
+            distiller.finish(ctx.main)
             return None
     bar.close()
-    if cache is not None and store is None and ctx.main:
-        cache.save()
+    distiller.finish(ctx.main)
 
     extra_result = translation_outputs(cfg, run_dir, model, data, bf16, ctx, progress, log) if tokens else {}
     for split in () if tokens else ("train", "val", "test"):

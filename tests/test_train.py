@@ -206,3 +206,28 @@ def test_device_is_not_part_of_the_run_identity(tmp_path):
     from kdlab.train import resolve_device
 
     assert resolve_device("auto").type == expected and resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("kind, loss, parts", [
+    ("ce", {}, {"train_ce"}),
+    ("ls", {"smoothing": 0.1}, {"train_ls"}),
+    ("kd", {"alpha": 0.7, "tau": 4.0, "kd": "mse", "mse_reduction": "mean"}, {"train_ce", "train_kd"}),
+    ("kd-only", {"alpha": 1.0, "tau": 4.0}, {"train_kd"}),
+])
+def test_loss_parts_are_logged_and_sum_to_the_loss(tmp_path, teacher, kind, loss, parts):
+    extra = {"teacher": {"runs": [teacher["run_dir"]]}} if "kd" in kind else {}
+    run_dir = Path(train(_digits(tmp_path, name=kind, loss=loss, optim={"epochs": 2}, **extra),
+                         progress=False, log=lambda *a: None)["run_dir"])
+    metrics = read_metrics(run_dir)
+    for m in metrics:
+        named = {k for k in m if k in {"train_ce", "train_ls", "train_kd"}}
+        assert named == parts
+        assert sum(m[k] for k in named) == pytest.approx(m["train_loss"], rel=1e-6)
+    if "kd" in kind:  # the teacher term is a real, positive part
+        assert all(m["train_kd"] > 0 for m in metrics)
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for key in parts:
+        tag = "train/" + key.removeprefix("train_")
+        assert [s.value for s in events.Scalars(tag)] == pytest.approx([m[key] for m in metrics], rel=1e-6)

@@ -4,7 +4,7 @@ every file they write, byte for byte after normalisation.
 
     .venv/bin/python tools/pin_outputs.py [--base REV] [--head REV|WORKTREE|DIR]
                                           [--keep DIR] [--only SCENARIO,...] [--list]
-                                          [--jobs N] [--json PATH]
+                                          [--jobs N] [--json PATH] [--added-keys PATTERN,...]
 
 A refactor keeps behaviour: run this after every refactor step. ``--base`` (default
 HEAD) is checked out with ``git worktree add --detach`` into a temporary directory;
@@ -29,7 +29,8 @@ translations, snapshots of a stopped run) and each side's KDLAB_CACHE is compare
   *.model            sentencepiece ModelProto without trainer_spec.model_prefix (below)
   anything else      bytes (text with the sides' root paths replaced by placeholders)
 
-A file on one side only is a difference; so is a scenario that failed on a side (its
+``--added-keys`` lets the head side add keys the base lacks (new metrics, say) without
+counting as a difference, and lists every added key it met. A file on one side only is a difference; so is a scenario that failed on a side (its
 last lines are shown). Exit status 0 when everything is identical, 1 otherwise, 2 on a
 usage error. The table goes to stdout, progress to stderr.
 """
@@ -72,6 +73,23 @@ DROPPED_KEYS = {
 # Keys dropped from the non-tensor values of .pt files: a mid-epoch checkpoint's
 # partial.elapsed is the wall time the epoch had run when it was saved.
 DROPPED_PT_KEYS = {"elapsed": "wall time of the epoch so far (mid-epoch checkpoint.pt partial.elapsed)"}
+
+# --added-keys: names (fnmatch patterns) that the head side may have and the base side not,
+# in JSON/JSONL objects and torch-saved dicts, at any depth — a change that adds outputs
+# (new metrics keys) while every existing one stays as it was. Every such key that was
+# seen is listed in the summary, so an allowed addition is never silent.
+ADDED_ALLOWED: list[str] = []
+ADDED_SEEN: set[str] = set()
+
+
+def _added(key) -> bool:
+    """Whether ``key`` (present on the head side only) is an allowed addition; noted if so."""
+    import fnmatch
+
+    if any(fnmatch.fnmatchcase(str(key), pattern) for pattern in ADDED_ALLOWED):
+        ADDED_SEEN.add(str(key))
+        return True
+    return False
 
 # sentencepiece models (.model: a ModelProto) record the path they were trained to,
 # trainer_spec.model_prefix = KDLAB_CACHE/tokenizers/.spm-KEY.PID (the side's cache and the pid)
@@ -459,6 +477,8 @@ def _diff_json(a, b, where: str) -> str | None:
     """The first difference between two parsed JSON values, or None."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
+            if key not in a and _added(key):
+                continue
             if key not in a or key not in b:
                 return f"{where}.{key}: only in {'head' if key not in a else 'base'}"
             found = _diff_json(a[key], b[key], f"{where}.{key}")
@@ -577,7 +597,7 @@ def _diff_obj(a, b, where: str, na: Normaliser, nb: Normaliser) -> str | None:
         if type(a) is not type(b):
             return f"{where}: {type(a).__name__} vs {type(b).__name__}"
         ka = [k for k in a if k not in DROPPED_PT_KEYS]
-        kb = [k for k in b if k not in DROPPED_PT_KEYS]
+        kb = [k for k in b if k not in DROPPED_PT_KEYS and (k in a or not _added(k))]
         if ka != kb:  # (state dicts are ordered: the order is part of the file)
             only = [k for k in ka if k not in b] or [k for k in kb if k not in a]
             return f"{where}: keys differ ({_fmt(only) if only else 'order'})"
@@ -1050,6 +1070,8 @@ def run(args) -> int:
             print(f"\n{r['scenario']}: every differing file:")
             for d in r["differences"]:
                 print(f"    {d['file']}: {d['first']}")
+    if ADDED_SEEN:
+        print(f"\nkeys added on the head side (allowed by --added-keys): {', '.join(sorted(ADDED_SEEN))}")
     print(f"\n{'IDENTICAL' if ok else 'DIFFERENT'}: {sum(r['status'] == 'identical' for r in rows)} identical, "
           f"{sum(r['status'] == 'differs' for r in rows)} differing, {sum(r['status'] == 'failed' for r in rows)} "
           f"failed, {sum(r['status'] == 'skipped' for r in rows)} skipped; wall time {wall:.1f} s"
@@ -1057,6 +1079,7 @@ def run(args) -> int:
     if args.json:
         summary = {"identical": ok, "wall_s": round(wall, 1), "base": sides[0].description,
                    "head": sides[1].description, "kept": str(root) if args.keep else None, "jobs": args.jobs,
+                   "added_keys_allowed": ADDED_ALLOWED, "added_keys_seen": sorted(ADDED_SEEN),
                    "dropped_json_keys": DROPPED_KEYS, "dropped_pt_keys": DROPPED_PT_KEYS,
                    "dropped_sentencepiece_fields": DROPPED_SPM_FIELDS, "scenarios": rows}
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
@@ -1090,8 +1113,11 @@ def main(argv: list[str] | None = None) -> int:
                         "once (two single-threaded processes; torchrun: two workers each). Default 1")
     parser.add_argument("--json", metavar="PATH", help="write a JSON summary here")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a scenario may take on a side")
+    parser.add_argument("--added-keys", metavar="PATTERN,...", help="keys the head side may add (fnmatch patterns, "
+                        "e.g. 'train_ce,train_kd'), in JSON objects and torch-saved dicts; listed in the summary")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the sides (default: this one)")
     args = parser.parse_args(argv)
+    ADDED_ALLOWED.extend(k for k in (args.added_keys or "").split(",") if k)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (cleanup runs: worktrees removed, sides ended)
     if args.list:
         for s in SCENARIOS:
