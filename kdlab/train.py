@@ -45,16 +45,12 @@ from .runs import (
 )
 from .training.distill import LogitDistiller, open_teacher_source
 from .training.checks import check_memory, check_processes, check_teacher_source
-from .training.evaluate import predict_split, split_metrics
 from .training.metrics import MetricsLog
 from .training.optim import make_ema, param_groups, scheduler_for
 from .training.probes import MutualInformationProbe
 from .training.rundir import claim_run_dir, load_checkpoint, remove_created, restore, threads_for_resume, write_meta
+from .training.tasks import task_for
 from .training.teachers import Teachers
-from .translate import token_metrics, translation_outputs
-
-
-STREAMED_TRAIN_EVAL_MAX = 100_000  # streamed data: eval_train.npz only up to this many images
 
 
 def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
@@ -295,16 +291,12 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             torch.manual_seed((cfg.seed + 1) * 1_000_003 + ctx.rank)
     resume_step = state.get("step_in_epoch", 0) if state is not None else 0
     metrics = MetricsLog(run_dir / "metrics.jsonl", ctx.main)
-    tokens = data.tokens  # translation: rows are target tokens of token-budget batches
     steps_per_epoch = data.steps_per_epoch(opt_cfg.batch_size)
     accumulate = opt_cfg.accumulate
     opt_steps = math.ceil(steps_per_epoch / accumulate)  # optimizer steps an epoch
     resumed_at = start_epoch * opt_steps + resume_step // accumulate  # global (optimizer) steps done
     previous = metrics.resume(start_epoch, resumed_at)
-    test_teacher = val_teacher = None
-    if teachers is not None and not tokens:  # (token metrics run the teacher beside the student)
-        val_teacher = teachers.predict(data, "val", cfg.eval_batch_size, cfg.channels_last, ctx)
-        test_teacher = teachers.predict(data, "test", cfg.eval_batch_size, cfg.channels_last, ctx)
+    task = task_for(cfg, data, teachers, ctx, bf16)  # classification or translation: evaluation and finishing
     warmup_steps = opt_cfg.warmup_steps or opt_cfg.warmup_epochs * opt_steps
     inverse_sqrt = opt_cfg.schedule == "inverse_sqrt"
     writer = _tensorboard_writer(cfg, run_dir, resumed_at + 1) if ctx.main else None
@@ -313,7 +305,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     if writer is not None:
         closers.append(writer)
     params = list(model.parameters())
-    n_train, batch_size = data.num_train, opt_cfg.batch_size
+    batch_size = opt_cfg.batch_size
     can_skip = data.streamed and cfg.data.on_bad_image == "skip"  # batches may lose unreadable images
     done_epochs = [m for m in previous if "train_loss" in m and m["epoch"] <= start_epoch]
     train_time = sum(m["epoch_time_s"] for m in done_epochs)
@@ -446,28 +438,13 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             raise RunError(f"{run_dir}: training loss became {train_loss} in epoch {epoch + 1} "
                            f"(lower optim.lr or set optim.grad_clip; {kept})")
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
-                  "epoch_time_s": epoch_time, ("tokens_per_s" if tokens else "images_per_s"): seen / epoch_time}
+                  "epoch_time_s": epoch_time, task.speed_key: seen / epoch_time}
         if parts_known:  # the loss's named parts (weighted: they sum to train_loss)
             record.update({f"train_{name}": (value / max(seen, 1)).item() for name, value in part_sums.items()})
         if skipped:
             record["skipped_images"] = skipped
-        if tokens and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs):
-            for split in ("val", "test"):
-                record.update(token_metrics(split, model, data, split, bf16, ctx, teachers))
-                if ema is not None:
-                    record.update({f"ema_{k}": v for k, v in
-                                   token_metrics(split, ema.module, data, split, bf16, ctx, teachers).items()})
-        elif (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs:
-            for split, teacher_logits in (("val", val_teacher), ("test", test_teacher)):
-                y = data.split_labels(split)
-                if len(y):
-                    logits = predict_split(model, data, split, cfg.eval_batch_size, bf16=bf16,
-                                           channels_last=cfg.channels_last, ctx=ctx)
-                    record.update(split_metrics(split, logits, y, teacher_logits))
-                    if ema is not None:
-                        logits = predict_split(ema.module, data, split, cfg.eval_batch_size, bf16=bf16,
-                                               channels_last=cfg.channels_last, ctx=ctx)
-                        record.update({f"ema_{k}": v for k, v in split_metrics(split, logits, y, teacher_logits).items()})
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == opt_cfg.epochs:
+            record.update(task.evaluate(model, ema))
         metrics.write(record)
         if writer is not None:
             for key, value in record.items():
@@ -480,8 +457,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
                                           rank_rng=rank_rng), checkpoint_path)
         last_saved = time.monotonic()
         bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{record.get('test_acc', float('nan')):.3f}",
-                        **({"tok_s": f"{record['tokens_per_s']:.0f}"} if tokens else
-                           {"img_s": f"{record['images_per_s']:.0f}"}))
+                        **{task.bar_key: f"{record[task.speed_key]:.0f}"})
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < opt_cfg.epochs:
             bar.close()
             distiller.finish(ctx.main)
@@ -489,43 +465,18 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     bar.close()
     distiller.finish(ctx.main)
 
-    extra_result = translation_outputs(cfg, run_dir, model, data, bf16, ctx, progress, log) if tokens else {}
-    for split in () if tokens else ("train", "val", "test"):
-        y = data.split_labels(split)
-        if data.streamed and split == "train" and len(y) > STREAMED_TRAIN_EVAL_MAX:
-            continue  # ImageNet-size: 1.28M × 2048 features; analyses use val/test
-        if not len(y):
-            continue  # data.val_size=0: no validation split, no eval_val.npz (analyses then fit nothing on it)
-        logits, features = predict_split(model, data, split, cfg.eval_batch_size, features=True, bf16=bf16,
-                                         channels_last=cfg.channels_last, ctx=ctx)
-        # train: unaugmented, with the (possibly noisy) training labels; features in fp16 to keep it small
-        arrays = {"logits": logits.numpy(), "labels": y.numpy(),
-                  "features": features.half().numpy() if split == "train" else features.numpy()}
-        teacher_logits = {"val": val_teacher, "test": test_teacher}.get(split)
-        if split == "train" and teachers is not None:
-            teacher_logits = teachers.predict(data, "train", cfg.eval_batch_size, cfg.channels_last, ctx)
-        if teacher_logits is not None:
-            arrays["teacher_logits"] = teacher_logits.numpy()
-        if ctx.main:
-            atomic_save_npz(run_dir / f"eval_{split}.npz", **arrays)
+    extra_result = task.finish(run_dir, model, progress, log)
     result = {
         "run_dir": str(run_dir), "name": cfg.name, "hash": cfg.run_hash(), "device": describe_device(device),
         "device_type": device.type, "torch_threads": torch.get_num_threads(),
         "model": cfg.model.name,
         "dataset": cfg.data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
         "num_params": count_parameters(model), "epochs": opt_cfg.epochs, "train_time_s": train_time,
-        "images_per_s": n_train * opt_cfg.epochs / train_time if train_time > 0 else None,
+        **task.speed(opt_cfg.epochs, train_time),
         "final": {k: v for k, v in record.items() if k.startswith(("val_", "test_", "train_", "ema_"))},
     }
-    if tokens:  # rows are tokens: the speed is target tokens per second; the corpus and BLEU
-        del result["images_per_s"]
-        result["tokens_per_s"] = data.train_tokens() * opt_cfg.epochs / train_time if train_time > 0 else None
-        result.update(extra_result)
-        result["final"].update({  # the BLEU scores beside the token metrics, for reports (val_bleu, test_bleu_beam)
-            f"{key.split('_')[0]}_bleu" + ("" if key.endswith("greedy") else "_beam"): v["bleu"]
-            for key, v in extra_result.get("bleu", {}).items() if key != "signature"})
-    if getattr(data, "classes", None):  # an image folder's class folders: analysis names classes by them
-        result["class_names"] = list(data.classes)
+    result["final"].update(task.final_extra(extra_result))
+    result.update(extra_result)
     result.update(processes)
     if ctx.main:
         atomic_torch_save(model.state_dict(), run_dir / "model.pt")
