@@ -22,7 +22,8 @@ from kdlab.data import load_dataset  # noqa: E402
 from kdlab.errors import ConfigError, RunError  # noqa: E402
 from kdlab.models import build_model, check_model, classifier_key  # noqa: E402
 from kdlab.recipes import expand, load_recipe  # noqa: E402
-from kdlab.train import predict_split, train  # noqa: E402
+from kdlab.train import train  # noqa: E402
+from kdlab.training.evaluate import predict_split  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch
 
 from ..config import Config
 from ..device import describe_device
-from ..distributed import SINGLE
 from ..errors import RunError, warn
 from ..runs import RunLock, atomic_write_json, check_writable_dir, make_dirs, read_json, run_meta, torch_load
 
@@ -90,30 +89,6 @@ def load_checkpoint(path: Path) -> dict:
         os.replace(path, aside)
         raise RunError(f"{err}; moved it to {aside.name}: run the same command again to restart this run from "
                        "epoch 0 (or put a good checkpoint back as checkpoint.pt to resume)") from None
-
-
-def restore(state: dict, path: Path, model, optimizer, scheduler, generator, device, ema=None, ctx=SINGLE) -> None:
-    try:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        ranks = state.get("rank_rng")
-        if ranks is not None and len(ranks) == ctx.world:  # each process its own stream (dropout)
-            torch.set_rng_state(ranks[ctx.rank][0])
-            if device.type == "cuda" and ranks[ctx.rank][1] is not None:
-                torch.cuda.set_rng_state(ranks[ctx.rank][1], device)
-            return
-    except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
-        raise RunError(f"{path}: does not fit this run ({str(err).splitlines()[0][:120]}); moved it to {aside.name}: "
-                       "run the same command again to restart this run from epoch 0") from None
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def threads_for_resume(cfg: Config, recorded: int | None, log) -> None:
