@@ -1,5 +1,8 @@
 """Image folders streamed from disk (ImageNet's layout): ``root/train/<class>/*`` and
 ``root/val/<class>/*``, JPEG or PNG, decoded by Pillow in DataLoader worker processes.
+The folders are listed (and the built-in one made) by :mod:`kdlab.data.imagefolder_scan`;
+how a loader worker dies with the run is :mod:`kdlab.data.imagefolder_workers`. Their
+names are re-exported here.
 
 Views. A training view is ImageNet's RandomResizedCrop + horizontal flip, but every
 random number of it is drawn in the training process by the run's checkpointed
@@ -15,16 +18,10 @@ hands it lists of (split, index, view row) items, so the order and the views nev
 depend on the worker count (``data.loader_workers`` is not part of the run hash).
 Workers start with ``spawn`` (not ``fork``), so they never inherit the run's lock (an
 flock on ``RUN_DIR/.lock``): a fresh interpreter gets only the pipes multiprocessing
-passes it. They die with the run, SIGKILL included: each is a child of the run process
-and, from the moment its dataset is unpickled, watches that process (Linux: a pidfd that
-a daemon thread waits on; elsewhere: its parent pid, polled every second) and exits at
-once, and silently, when it ends; a worker still importing torch then exits once it is
-done. Once no worker holds the resource tracker's pipe, the tracker sees EOF and exits
-too (cleaning up the dead run's semaphores, with a warning). A worker whose loader shuts
-down ends with ``os._exit``, as fork and forkserver children do. (``forkserver`` would
-not do: its workers are the server's children, so torch's watchdog watches the server;
-and every child holds the server's "alive" pipe: after a SIGKILL, workers, server and
-tracker kept one another alive.)
+passes it. They die with the run, SIGKILL included (:mod:`kdlab.data.imagefolder_workers`).
+(``forkserver`` would not do: its workers are the server's children, so torch's watchdog
+watches the server; and every child holds the server's "alive" pipe: after a SIGKILL,
+workers, server and tracker kept one another alive.)
 An unreadable image is a one-line error naming the file, or (``data.on_bad_image:
 skip``) left out of its training batch and counted in the epoch's metrics; evaluation
 and store builds keep it as a black image (with a warning), so outputs stay aligned.
@@ -35,13 +32,8 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing.context
-import multiprocessing.util
 import os
 import pickle
-import select
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,102 +44,21 @@ from ..distributed import shard
 from ..errors import DataError, warn
 from .rows import sample_rows
 from .noise import add_label_noise
+from .imagefolder_scan import EXTENSIONS, FASHION_MNIST_CLASSES, builtin_root, cache_dir, parse_builtin, scan_folder
+from .imagefolder_workers import _WatchOnUnpickle, _die_with_run
 
-EXTENSIONS = {".jpg", ".jpeg", ".png"}
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "ATTEMPTS", "VIEW_PARAMS", "SPLITS", "crop_box", "centre_box", "ImageFolderData",
+    "load_imagefolder", "default_loader_workers",
+    # from kdlab.data.imagefolder_scan
+    "EXTENSIONS", "FASHION_MNIST_CLASSES", "cache_dir", "parse_builtin", "builtin_root", "scan_folder",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to a centre crop
 VIEW_PARAMS = 2 * ATTEMPTS + 3  # (scale, log ratio) × 10, position y, position x, flip
 SPLITS = ("train", "val", "test")
-
-
-FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                         "ankle-boot"]
-
-
-def cache_dir() -> Path:
-    """Where kdlab keeps what it makes once (``$KDLAB_CACHE``, else ``~/.cache/kdlab``)."""
-    base = os.environ.get("KDLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdlab"
-    return Path(base)
-
-
-def parse_builtin(spec: str) -> tuple[str, int | None]:
-    """``builtin:fashion-mnist[:N]`` -> ("fashion-mnist", N training images per class or None)."""
-    name, _, count = spec.removeprefix("builtin:").partition(":")
-    if name != "fashion-mnist":
-        raise DataError(f"data.root={spec}: the built-in image folder is builtin:fashion-mnist[:N per class]")
-    if count and not (count.isdigit() and 0 < int(count) <= 6000):
-        raise DataError(f"data.root={spec}: N (training images per class) must be 1..6000")
-    return name, int(count) if count else None
-
-
-def builtin_root(spec: str) -> Path:
-    """A real image folder made once from Debian's Fashion-MNIST IDX files: every test
-    image in val/, the first N training images of each class (all without N) in train/,
-    28×28 grayscale PNG; kept in ``cache_dir()/imagefolders`` (written to a temporary
-    folder, renamed when complete; one maker at a time)."""
-    from filelock import FileLock
-    from PIL import Image
-
-    from .sources import FASHION_MNIST_DEBIAN_DIR, load_idx_arrays
-
-    name, per_class = parse_builtin(spec)
-    target = cache_dir() / "imagefolders" / f"{name}-{per_class or 'all'}"
-    if (target / "train").is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock", thread_local=False):
-        if (target / "train").is_dir():
-            return target
-        train_x, train_y, test_x, test_y = load_idx_arrays(FASHION_MNIST_DEBIAN_DIR)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        for split, images, labels in (("train", train_x, train_y), ("val", test_x, test_y)):
-            taken = np.zeros(10, dtype=np.int64)
-            for k, (image, label) in enumerate(zip(images, labels)):
-                if split == "train" and per_class is not None:
-                    if taken[label] >= per_class:
-                        continue
-                    taken[label] += 1
-                folder = tmp / split / f"{label:02d}-{FASHION_MNIST_CLASSES[label]}"
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image[0]).save(folder / f"{k:05d}.png")
-        os.replace(tmp, target)
-    return target
-
-
-def scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
-    """(files, classes, labels) of ``folder/<class>/*.{jpg,jpeg,png}``, sorted. With
-    ``classes`` given (the training split's), a class folder outside them is an error."""
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist (data.root must hold train/<class>/ and val/<class>/)")
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    training = classes is None  # (the training split defines the classes: each needs images)
-    if training:
-        classes = found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise DataError(f"{folder}: class folder(s) not in the training split: {', '.join(unknown[:5])}")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        directory = folder / name
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.iterdir()):
-            if path.suffix.lower() in EXTENSIONS and path.is_file():
-                files.append(str(path))
-                labels.append(label)
-    if not files:
-        raise DataError(f"{folder}: no .jpg/.jpeg/.png images in its class folders")
-    if training:
-        if len(classes) < 2:
-            raise DataError(f"{folder}: {len(classes)} class folder ({', '.join(classes)}); a classifier needs at least "
-                            "2 (one folder of images per class)")
-        empty = [name for label, name in enumerate(classes) if label not in set(labels)]
-        if empty:
-            raise DataError(f"{folder}: class folder(s) without .jpg/.jpeg/.png images directly inside: "
-                            f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} (images in subfolders are not "
-                            "read); remove the folder or put its images in it")
-    return files, classes, np.asarray(labels, dtype=np.int64)
 
 
 def crop_box(width: int, height: int, row: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -242,107 +153,11 @@ def _collate(items):
     return x, torch.tensor([i[1] for i in kept]), torch.tensor([i[2] for i in kept]), skipped, torch.tensor(positions)
 
 
-class _RunWatch:
-    """In a loader worker: has the run process (``pid``, this worker's parent) ended?"""
-
-    def __init__(self, pid: int):
-        self.pid, self.pidfd = pid, None
-        if os.getppid() != pid:  # the run ended while this worker was starting
-            os._exit(0)
-        if hasattr(os, "pidfd_open"):
-            try:
-                self.pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                os._exit(0)
-            except OSError:  # an old kernel, a sandbox: poll the parent pid instead
-                pass
-            if os.getppid() != pid:  # ended before the pidfd was opened (its pid may be another's now)
-                os._exit(0)
-
-    def ended(self, timeout: float = 0.0) -> bool:
-        """Whether the run has ended, waiting up to ``timeout`` seconds for it to."""
-        if self.pidfd is not None:  # readable once the process has exited (a zombie included)
-            poll = select.poll()  # one per call: two threads may wait at once
-            poll.register(self.pidfd, select.POLLIN)
-            return bool(poll.poll(timeout * 1000))
-        deadline = time.monotonic() + timeout
-        while os.getppid() == self.pid:  # re-parented when the run ends
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        return True
-
-
-_watch: _RunWatch | None = None  # in a loader worker: its watch on the run
-
-
-def _watch_run(run_pid: int) -> None:
-    """In a loader worker (once): exit as soon as the run process ``run_pid`` ends, however
-    it ends, and silently: what a thread would print about a pipe or connection the run's
-    death broke (multiprocessing's resource sharer, the worker's own start when the run
-    died while sending it its dataset) is not printed. Without this, the workers of a
-    SIGKILLed run would wait for work forever."""
-    global _watch
-    if _watch is not None:
-        return
-    watch = _watch = _RunWatch(run_pid)
-
-    def wait():
-        while not watch.ended(3600.0):
-            pass
-        os._exit(0)
-
-    threading.Thread(target=wait, daemon=True, name="kdlab-run-watch").start()
-
-    def quiet(hook):
-        def excepthook(*args):  # sys's (type, value, traceback) or threading's (args)
-            if watch.ended(2.0):  # the error may come a moment before the run's end does
-                os._exit(0)
-            hook(*args)
-
-        return excepthook
-
-    sys.excepthook = quiet(sys.excepthook)  # uncaught errors, and the resource sharer thread's
-    threading.excepthook = quiet(threading.excepthook)
-
-
-class _WatchOnUnpickle:
-    """Unpickled (in a loader worker being started) as the call ``_watch_run(pid)``."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-
-    def __reduce__(self):
-        return _watch_run, (self.pid,)
-
-
 def _images(_watched: None, state: bytes) -> _Images:
     """Unpickles an ``_Images`` (its first argument has set up the watch on the run)."""
     images = _Images.__new__(_Images)
     images.__dict__.update(pickle.loads(state))
     return images
-
-
-def _die_with_run(run_pid: int, worker_id: int) -> None:
-    """The loader's ``worker_init_fn``: the watch on the run (set up already, as the
-    dataset was unpickled), and the worker's end once its loop returns."""
-    _watch_run(run_pid)
-    multiprocessing.util.Finalize(None, _end_worker, exitpriority=-100)  # the last of the worker's finalizers
-
-
-def _end_worker() -> None:
-    """Once a worker's loop has returned (the loader shut down), end the process as fork
-    and forkserver children end: ``os._exit``, not the interpreter's finalization, which
-    kills daemon threads that still run (a queue's feeder thread pickling a batch at
-    shutdown) in a way that can abort the process ("terminate called without an active
-    exception") and have torch report a dead worker. After an exception, the usual path."""
-    if sys.exc_info()[0] is None:  # called by multiprocessing's exit function, from a finally
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, OSError, ValueError):
-                pass
-        os._exit(0)
 
 
 class _Batches(torch.utils.data.Sampler):

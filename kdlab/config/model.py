@@ -1,0 +1,187 @@
+"""The run config as a whole: :class:`Config` (its sections, the checks across them, the
+run hash and run dir) and :func:`describe_config` (``kdlab train --help-config``).
+Re-exported by :mod:`kdlab.config`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+from .sections import (
+    SEED_MAX,
+    DataConfig,
+    DecodeConfig,
+    LossConfig,
+    ModelConfig,
+    MutualInformationConfig,
+    OptimConfig,
+    TeacherConfig,
+    _Strict,
+)
+
+_DATA_KEYS_HASHED_OFF_DEFAULT = ("image_size", "eval_resize", "crop_scale", "crop_ratio", "on_bad_image")
+_TRANSLATION_DATA_KEYS = ("vocab_size", "max_tokens", "min_words", "max_words", "calibration_tokens")
+
+
+class Config(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.+-]+$", description="prefix of the run dir name")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the model's initialisation and the data order")
+    out_dir: str = Field("runs", description="parent directory of run dirs (not part of the hash)")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    teacher: Optional[TeacherConfig] = None
+    mutual_information: MutualInformationConfig = MutualInformationConfig()
+    decode: DecodeConfig = Field(DecodeConfig(), description="translation: decoding for BLEU")
+    device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
+                        description="auto (cuda when available, else cpu), cpu, cuda or cuda:N; not part of the hash")
+    threads: Optional[int] = Field(
+        None, ge=1, description="torch CPU threads; default: as the process has them (a sweep: cores / workers). "
+        "Results depend on it at rounding level: recorded in meta/result, and a resume keeps the checkpoint's "
+        "count unless this is set. Not part of the hash")
+    memory_limit_gb: Optional[float] = Field(
+        None, gt=0, description="refuse a run whose big allocations (model and optimizer state, MI probe, teacher "
+        "cache) are estimated above this; default 90% of physical memory (of the GPU's for cuda). Not part of the hash")
+    bf16: Optional[bool] = Field(None, description="bf16 autocast for the model (losses stay float32); default "
+                                 "(null = auto): on for CUDA, off on the CPU. Auto hashes as false: like the device, "
+                                 "the precision auto picks is recorded in meta.json and result.json")
+    channels_last: bool = False
+    eval_batch_size: int = Field(1000, gt=0)
+    eval_every: int = Field(1, ge=1, description="evaluate val/test every N epochs (and always after the last)")
+    sync_batchnorm: bool = Field(False, description="multi-process runs (torchrun): BatchNorm statistics over the "
+                                 "global batch (SyncBatchNorm) instead of each process's part")
+    checkpoint_every_steps: Optional[int] = Field(
+        None, ge=1, description="also checkpoint within an epoch every N steps (with the data order's position; a "
+        "resume ends exactly as an uninterrupted run). Default: epoch ends only for in-memory data, every 5 minutes "
+        "for streamed data. Not part of the hash")
+    checkpoint_every_minutes: Optional[float] = Field(
+        None, gt=0, description="also checkpoint within an epoch every M minutes of training. Not part of the hash")
+    tensorboard: bool = Field(True, description="write TensorBoard scalars to RUN_DIR/tensorboard when the "
+                              "tensorboard package is installed (kdlab[tensorboard]); not part of the hash")
+
+    @model_validator(mode="after")
+    def _teacher_needed(self):
+        if self.loss.alpha > 0 and self.teacher is None:
+            raise ValueError("loss.alpha > 0 needs a teacher section (teacher.runs)")
+        return self
+
+    @model_validator(mode="after")
+    def _translation(self):
+        """What translation (token sequences) cannot take, named before anything runs."""
+        translation = self.data.name == "translation"
+        if translation != self.model.name.startswith("transformer-"):
+            raise ValueError(f"data.name=translation takes a transformer-* model (e.g. transformer-base), not "
+                             f"{self.model.name}" if translation else f"model.name: {self.model.name} is a "
+                             f"translation model: it needs data.name=translation, not {self.data.name}")
+        if not translation:
+            return self
+        if self.data.label_noise:
+            raise ValueError("data.label_noise: label noise is for classification data, not translation")
+        if self.mutual_information.every_steps:
+            raise ValueError("mutual_information.every_steps: the MI probe is for image classification")
+        if self.teacher is not None and (self.teacher.cache.mode != "off" or self.teacher.store.crops):
+            raise ValueError("teacher.cache / teacher.store: translation runs its teacher online (token logits of "
+                             "the same batch; no (sample, view) table)")
+        if self.channels_last:
+            raise ValueError("channels_last: is for image models")
+        return self
+
+    @model_validator(mode="after")
+    def _accumulate_counts_rows(self):
+        if self.optim.accumulate > 1 and self.data.on_bad_image == "skip":
+            raise ValueError("optim.accumulate > 1 with data.on_bad_image=skip: a step's rows would only be known "
+                             "after its last batch; use one or the other")
+        return self
+
+    def run_hash(self) -> str:
+        """8 hex digits of the SHA-256 of the resolved config; out_dir and the teachers'
+        parent directories excluded, so a tree of runs can be moved, and the device and
+        thread count, so a run started on one machine resumes (or is found finished) on
+        another (both are recorded in meta.json and result.json instead). The decode
+        section is excluded too (decoding is not training: `kdlab translate` decodes a
+        finished run again with other settings)."""
+        payload = self.model_dump(mode="json", exclude={"out_dir", "device", "threads", "memory_limit_gb",
+                                                        "tensorboard", "checkpoint_every_steps",
+                                                        "checkpoint_every_minutes"})
+        defaults = DataConfig().model_dump(mode="json")
+        for key in _DATA_KEYS_HASHED_OFF_DEFAULT:  # keys newer than existing run dirs: their hashes stay
+            if payload["data"][key] == defaults[key]:
+                del payload["data"][key]
+        del payload["data"]["loader_workers"]
+        if self.data.name != "translation":  # newer than existing run dirs, and meaningless for images
+            for key in _TRANSLATION_DATA_KEYS:
+                del payload["data"][key]
+        # decoding is not training: a finished run decodes again with other settings (`kdlab translate`)
+        del payload["decode"]
+        if self.optim.optimizer == "sgd":
+            for key in ("optimizer", "betas", "eps"):
+                del payload["optim"][key]
+        if self.optim.warmup_steps is None:
+            del payload["optim"]["warmup_steps"]
+        for key, off in (("warmup_epochs", 0), ("ema_decay", None), ("accumulate", 1)):  # newer than existing run dirs:
+            if payload["optim"][key] == off:  # off = the old hash
+                del payload["optim"][key]
+        if payload["bf16"] is None:  # auto: the hash of the old default (false), as the device is not hashed
+            payload["bf16"] = False
+        if not payload["sync_batchnorm"]:
+            del payload["sync_batchnorm"]
+        if payload["model"]["pretrained_path"] is None:
+            del payload["model"]["pretrained_path"]
+        else:  # by file name, as teacher runs (the file's SHA-256 is recorded in meta.json)
+            payload["model"]["pretrained_path"] = Path(self.model.pretrained_path).name
+        if self.teacher is not None:
+            if self.teacher.weights:
+                payload["teacher"]["weights"] = [{"model": w.model, "path": Path(w.path).name}
+                                                 for w in self.teacher.weights]
+            else:
+                del payload["teacher"]["weights"]  # a teacher is identified by its run dir's name (which holds its hash),
+            payload["teacher"]["runs"] = [Path(r).name for r in self.teacher.runs]  # not where it lies
+            # the cache is exact in float32: only float16 storage can change a result
+            cache = payload["teacher"].pop("cache")
+            if cache["dtype"] != "float32":
+                payload["teacher"]["cache_dtype"] = cache["dtype"]
+            # a store decides which crops the student sees (and fp16 logits): in the hash when on
+            store = payload["teacher"].pop("store")
+            if store["crops"]:
+                payload["teacher"]["store"] = {k: store[k] for k in ("crops", "dtype", "seed")}
+                if store["top_k"] is not None:
+                    payload["teacher"]["store"]["top_k"] = store["top_k"]
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / f"{self.name}-{self.run_hash()}"
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="python")
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def describe_config(model: type[BaseModel] = None, prefix: str = "") -> str:
+    """Every config key, its type, default and description (``kdlab train --help-config``)."""
+    model = model or Config
+    lines = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(describe_config(annotation, key + "."))
+            continue
+        if key == "teacher":
+            lines.append(describe_config(TeacherConfig, "teacher."))
+            continue
+        if get_origin(annotation) is Literal:
+            kind = "|".join(str(a) for a in get_args(annotation))
+        else:
+            kind = str(annotation).replace("typing.", "") if get_args(annotation) else annotation.__name__
+        default = "required" if field.is_required() else repr(field.default)
+        text = f"{key} ({kind}, default {default})"
+        lines.append(text + (f": {field.description}" if field.description else ""))
+    return "\n".join(lines)
