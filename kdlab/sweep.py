@@ -158,6 +158,41 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     out_dir = Path(out_dir or Path("runs") / f"{recipe.id}-{scale}").resolve()
     grid = expand(recipe, scale, out_dir, settings)
     runs, collapsed = unique_runs(grid)
+    _check_sweep(recipe, scale, runs, out_dir, executor, workers, threads, address)
+    started = time.perf_counter()
+    status: dict[str, str] = {}
+    done = sum((r.run_dir / "result.json").is_file() for r in runs)
+    if collapsed:
+        log(f"{recipe.id} ({scale}): {len(grid)} grid entries are {len(runs)} distinct configs ({collapsed} identical "
+            "to others, e.g. after --set): each distinct run is trained once")
+    log(f"{recipe.id} ({scale}): {len(runs)} runs in {out_dir}, {done} finished already; "
+        f"executor {executor}, {workers} worker(s)")
+    bar = tqdm(total=len(runs), initial=done, disable=not progress, unit="run", desc=recipe.id, dynamic_ncols=True)
+    submit, shutdown = _executor(executor, workers, address, recipe.scales[scale], threads)
+    aborted = True
+    try:
+        for stage in dict.fromkeys(r.stage for r in runs):
+            pending = _submit_stage([r for r in runs if r.stage == stage], status, submit, bar, log)
+            _collect_stage(executor, pending, status, bar, log)
+        aborted = False
+    finally:
+        shutdown(aborted)
+        bar.close()
+    wall = time.perf_counter() - started
+    manifest = _manifest(recipe, scale, executor, workers, threads, settings, wall, grid, runs, collapsed, status)
+    previous = read_json(out_dir / "sweep.json") if (out_dir / "sweep.json").is_file() else {}
+    manifest["wall_time_total_s"] = previous.get("wall_time_total_s", 0.0) + wall
+    make_dirs(out_dir, "--out")
+    atomic_write_json(out_dir / "sweep.json", manifest)
+    failed = sum(s == "failed" for s in status.values())
+    log(f"{recipe.id} ({scale}): {sum(s == 'done' for s in status.values())}/{len(runs)} done, {failed} failed, "
+        f"{wall:.0f} s")
+    return manifest
+
+
+def _check_sweep(recipe: Recipe, scale: str, runs: list, out_dir: Path, executor: str, workers: int,
+                 threads: int | None, address: str | None) -> None:
+    """The options, the output directory and every dataset the grid reads (before anything is written)."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
@@ -172,54 +207,50 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     except KdlabError as err:
         raise ConfigError(f"recipe {recipe.id} ({scale}): {err}") from None
     check_writable_dir(out_dir, "--out", probe=True)  # (everything checked: the runs write next)
-    started = time.perf_counter()
-    status: dict[str, str] = {}
-    done = sum((r.run_dir / "result.json").is_file() for r in runs)
-    if collapsed:
-        log(f"{recipe.id} ({scale}): {len(grid)} grid entries are {len(runs)} distinct configs ({collapsed} identical "
-            "to others, e.g. after --set): each distinct run is trained once")
-    log(f"{recipe.id} ({scale}): {len(runs)} runs in {out_dir}, {done} finished already; "
-        f"executor {executor}, {workers} worker(s)")
-    bar = tqdm(total=len(runs), initial=done, disable=not progress, unit="run", desc=recipe.id, dynamic_ncols=True)
-    submit, shutdown = _executor(executor, workers, address, recipe.scales[scale], threads)
-    aborted = True
-    try:
-        for stage in dict.fromkeys(r.stage for r in runs):
-            pending = {}
-            for run in (r for r in runs if r.stage == stage):
-                key = str(run.run_dir)
-                if (run.run_dir / "result.json").is_file():
-                    status[key] = "done"
-                    continue
-                failed = [t for t in run.teacher_of if status.get(str(t.run_dir), "done") != "done"]
-                if failed:
-                    status[key] = "skipped"
-                    log(f"skip {run.describe()}: teacher {failed[0].describe()} did not finish")
-                    bar.update(1)
-                    continue
-                holder = RunLock.busy(run.run_dir)
-                if holder is not None:
-                    log(f"{run.describe()} is being trained by {holder}: waiting for it rather than training it twice")
-                pending[submit(run)] = run
-            for future in _as_completed(executor, pending):
-                run = pending[future]
-                try:
-                    result = _result(executor, future)
-                    status[str(run.run_dir)] = "done"
-                    bar.set_postfix_str(f"{run.describe()} test_acc={result['final'].get('test_acc', float('nan')):.4f}")
-                except KdlabError as err:
-                    status[str(run.run_dir)] = "failed"
-                    log(f"FAILED {run.describe()}: {err}")
-                except Exception as err:  # a crash in one run must not lose the others
-                    status[str(run.run_dir)] = "failed"
-                    log(f"FAILED {run.describe()}: {type(err).__name__}: {err}")
-                bar.update(1)
-        aborted = False
-    finally:
-        shutdown(aborted)
-        bar.close()
-    wall = time.perf_counter() - started
-    manifest = {
+
+
+def _submit_stage(stage_runs: list, status: dict, submit, bar, log) -> dict:
+    """Submit a stage's runs (future -> run), but for finished runs and those whose
+    teacher did not finish (skipped); say so when another process holds a run."""
+    pending = {}
+    for run in stage_runs:
+        key = str(run.run_dir)
+        if (run.run_dir / "result.json").is_file():
+            status[key] = "done"
+            continue
+        failed = [t for t in run.teacher_of if status.get(str(t.run_dir), "done") != "done"]
+        if failed:
+            status[key] = "skipped"
+            log(f"skip {run.describe()}: teacher {failed[0].describe()} did not finish")
+            bar.update(1)
+            continue
+        holder = RunLock.busy(run.run_dir)
+        if holder is not None:
+            log(f"{run.describe()} is being trained by {holder}: waiting for it rather than training it twice")
+        pending[submit(run)] = run
+    return pending
+
+
+def _collect_stage(executor: str, pending: dict, status: dict, bar, log) -> None:
+    """Wait for a stage's runs as they complete; a failed run is logged, not raised."""
+    for future in _as_completed(executor, pending):
+        run = pending[future]
+        try:
+            result = _result(executor, future)
+            status[str(run.run_dir)] = "done"
+            bar.set_postfix_str(f"{run.describe()} test_acc={result['final'].get('test_acc', float('nan')):.4f}")
+        except KdlabError as err:
+            status[str(run.run_dir)] = "failed"
+            log(f"FAILED {run.describe()}: {err}")
+        except Exception as err:  # a crash in one run must not lose the others
+            status[str(run.run_dir)] = "failed"
+            log(f"FAILED {run.describe()}: {type(err).__name__}: {err}")
+        bar.update(1)
+
+
+def _manifest(recipe: Recipe, scale: str, executor: str, workers: int, threads: int | None, settings, wall: float,
+              grid: list, runs: list, collapsed: int, status: dict) -> dict:
+    return {
         # the recipe snapshot in python mode keeps τ = inf (json writes it as Infinity)
         "recipe": recipe.id, "scale": scale, "recipe_spec": recipe.model_dump(), "executor": executor, "workers": workers,
         "threads": threads, "settings": list(settings),
@@ -229,14 +260,6 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
                   "status": status.get(str(r.run_dir), "done" if (r.run_dir / "result.json").is_file() else "pending")}
                  for r in grid],
     }
-    previous = read_json(out_dir / "sweep.json") if (out_dir / "sweep.json").is_file() else {}
-    manifest["wall_time_total_s"] = previous.get("wall_time_total_s", 0.0) + wall
-    make_dirs(out_dir, "--out")
-    atomic_write_json(out_dir / "sweep.json", manifest)
-    failed = sum(s == "failed" for s in status.values())
-    log(f"{recipe.id} ({scale}): {sum(s == 'done' for s in status.values())}/{len(runs)} done, {failed} failed, "
-        f"{wall:.0f} s")
-    return manifest
 
 
 class _Inline:
