@@ -17,7 +17,6 @@ when its parent dies (Linux ``PR_SET_PDEATHSIG``) and also watches its parent's 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 from concurrent.futures.process import BrokenProcessPool
 import ctypes
 import multiprocessing
@@ -31,6 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, KdlabError, RunError, first_line
+from .ray_cluster import check_gpus_per_node, check_ray_address, quiet_stderr
 from .recipes import Recipe, expand
 from .runs import RunLock, atomic_write_json, check_writable_dir, make_dirs, read_json
 
@@ -100,28 +100,6 @@ def _init_worker(threads: int, parent_pid: int) -> None:
 
     die_with_parent(parent_pid)
     torch.set_num_threads(max(1, threads))
-
-
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """A Ray cluster address (``HOST:PORT`` of its GCS, ``ray://HOST:PORT`` of a Ray
-    client server) answers a TCP connection within ``timeout_s``: a one-line error
-    otherwise, before Ray spends ~20 s retrying. ``auto`` is left to Ray."""
-    import socket
-
-    if address in ("auto", "local"):
-        return
-    rest = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--address {address!r}: give the cluster as HOST:PORT (its GCS, e.g. 10.0.0.5:6379) or "
-                          "ray://HOST:PORT (a Ray client server), or auto")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as err:
-        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
-        raise ConfigError(f"--address {address}: no Ray cluster answers there ({reason} within {timeout_s:g} s); "
-                          "check the address and that `ray start --head` runs on that machine") from None
 
 
 def unique_runs(runs: list) -> tuple[list, int]:
@@ -332,14 +310,14 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
     if started_here:
         kwargs = {"address": address} if address else {"num_cpus": max(workers * scale_spec.cpus_per_run, 1)}
         try:
-            with _quiet_stderr(address is not None):  # a failing join retries for ~20 s, a line per second
+            with quiet_stderr(address is not None):  # a failing join retries for ~20 s, a line per second
                 ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
         except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
             raise ConfigError(f"could not start or join {where}: {first_line(err)}") from None
     processes = scale_spec.processes_per_run
     if processes > 1:  # N GPUs per run: one torchrun of N processes inside a task that holds them
-        _check_gpus_per_node(ray, scale_spec.gpus_per_run)
+        check_gpus_per_node(ray, scale_spec.gpus_per_run)
         task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config_processes)
         return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run, processes)), \
             (lambda aborted=False: ray.shutdown() if started_here else None)
@@ -347,40 +325,6 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
     task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config)
     return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run)), \
         (lambda aborted=False: ray.shutdown() if started_here else None)
-
-
-@contextlib.contextmanager
-def _quiet_stderr(enabled: bool):
-    """Hold back what is written to file descriptor 2 (Ray's C++ core logs there) while
-    joining a cluster; shown if the join succeeds, dropped if it fails (the error says why)."""
-    if not enabled:
-        yield
-        return
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            raise
-        else:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-        finally:
-            os.close(saved)
-
-
-def _check_gpus_per_node(ray, gpus: float) -> None:
-    """A multi-GPU run needs one node with that many GPUs (torchrun --standalone)."""
-    most = max((node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
-    if most < gpus:
-        raise ConfigError(f"gpus_per_run={gpus:g}: each run is one torchrun on one node, and the largest node of "
-                          f"this Ray cluster has {most:g} GPU(s)")
 
 
 def _as_completed(kind: str, pending: dict):
