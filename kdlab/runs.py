@@ -1,4 +1,4 @@
-"""Run dirs: atomic writes, metadata, and loading finished runs (e.g. as teachers).
+"""Run dirs: metadata, the lock, and reading finished runs (e.g. as teachers).
 
 A run dir ``<out_dir>/<name>-<hash>`` holds::
 
@@ -13,25 +13,18 @@ A run dir ``<out_dir>/<name>-<hash>`` holds::
     result.json        final numbers; written last, so its presence means "finished"
     .lock              held (flock) by the one process training the run; holds its pid/host/start
 
-Every file is written atomically (a temporary file in the same directory, fsync,
-rename), with the usual permissions (0666 minus the umask, i.e. 0644). A temporary file
-left by a killed write (``.NAME.XXXX.tmp``) is removed when the run is next started.
+Every file is written atomically (``kdlab/files.py``); weights files are read by
+``kdlab/weights.py``. Both modules' names are importable from here too.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import io
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,72 +33,27 @@ from filelock import FileLock, Timeout
 
 from . import __version__
 from .errors import ConfigError, RunError, warn
+from .files import (
+    atomic_save_npz,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_dir,
+    lock_file,
+    make_dirs,
+    remove_stale_temporaries,
+)
+from .weights import file_sha256, load_weights, load_weights_model, read_state_dict, torch_load
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-# Fault injection for the kill/resume tests: ``KDLAB_TEST_KILL_IN_WRITE=PATTERN[:N]`` makes
-# this process SIGKILL itself inside its N-th (default 1st) atomic write of a file whose
-# name matches the glob PATTERN, after the temporary file is complete, before the rename.
-_KILL_IN_WRITE = os.environ.get("KDLAB_TEST_KILL_IN_WRITE", "")
-_writes_seen = 0
-
-
-def _fault_point(name: str) -> None:
-    global _writes_seen
-    pattern, _, count = _KILL_IN_WRITE.partition(":")
-    if fnmatch.fnmatchcase(name, pattern):
-        _writes_seen += 1
-        if _writes_seen >= int(count or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``
-    (so a reader sees the old file or the new one, never a part)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; run files are readable as usual
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if _KILL_IN_WRITE:
-            _fault_point(path.name)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_writable_dir(path, what: str, probe: bool = False) -> None:
-    """``path`` (or, if it does not exist yet, its nearest existing parent) is a writable
-    directory; a one-line ConfigError naming ``what`` (a key or an option) otherwise.
-    ``probe``: also create and remove a file there — permission bits do not tell (root
-    passes them on /proc and /sys, which hold no files); call it where writing is next."""
-    path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise ConfigError(f"{what}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what}: {existing} is not writable")
-    if probe:
-        try:
-            fd, tmp = tempfile.mkstemp(dir=existing, prefix=".kdlab-probe-", suffix=".tmp")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as err:
-            raise ConfigError(f"{what}: {existing} cannot hold files ({err.strerror or type(err).__name__}); "
-                              "choose a directory on a real file system") from None
-
-
-def make_dirs(path, what: str) -> None:
-    """``mkdir -p path``, or a one-line ConfigError naming ``what``."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"{what}: cannot create {path} ({err.strerror or type(err).__name__})") from None
+__all__ = [
+    "RunLock", "git_commit", "run_meta", "system_memory_bytes", "read_json", "parse_metrics", "read_metrics",
+    "load_eval", "load_run_config", "load_finished_model",
+    # from kdlab.files and kdlab.weights, importable from here as before they moved
+    "atomic_save_npz", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+    "check_writable_dir", "lock_file", "make_dirs", "remove_stale_temporaries",
+    "file_sha256", "load_weights", "load_weights_model", "read_state_dict", "torch_load",
+]
 
 
 def system_memory_bytes() -> int | None:
@@ -114,26 +62,6 @@ def system_memory_bytes() -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def remove_stale_temporaries(directory: Path) -> list[str]:
-    """Delete ``.NAME.XXXX.tmp`` files of atomic writes a killed process left behind.
-    Call it only while holding the directory's lock (nobody else is writing there)."""
-    removed = []
-    for tmp in Path(directory).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp.name)
-    return removed
-
-
-def lock_file(path) -> str:
-    """The path of a lock file kdlab is about to take, or a one-line RunError when
-    something else (a directory, a device) sits there."""
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        kind = "a directory" if path.is_dir() else "not a regular file"
-        raise RunError(f"{path} is {kind}, where kdlab keeps a lock file: move it away and run again")
-    return str(path)
 
 
 class RunLock:
@@ -188,36 +116,6 @@ class RunLock:
             return lock.holder()
         lock._lock.release()
         return None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_save_npz(path: Path, **arrays) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def torch_load(path: Path):
-    """``torch.load(weights_only=True)`` with a one-line error for a corrupt file."""
-    try:
-        with warnings.catch_warnings():  # (a legacy, non-zip pickle makes torch warn before it fails: our line says it)
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RunError(f"{path}: corrupt or unreadable checkpoint ({type(err).__name__})") from None
 
 
 def git_commit() -> str | None:
@@ -316,73 +214,6 @@ def load_run_config(run_dir: Path):
     except Exception as err:
         raise RunError(f"{path}: invalid run config ({str(err).splitlines()[0]})") from None
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_state_dict(path: Path, what: str) -> dict:
-    """A plain weights file as a state dict: torch (``.pt``/``.pth``, loaded with
-    ``weights_only=True``; a checkpoint's ``state_dict``/``model`` entry and DDP's
-    ``module.`` prefix are taken as such) or safetensors. One-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what}: weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ConfigError(f"{what}: {path} is a safetensors file: pip install safetensors") from None
-        try:
-            state = load_file(str(path))
-        except Exception as err:
-            raise RunError(f"{path}: corrupt or unreadable safetensors file ({type(err).__name__})") from None
-    else:
-        state = torch_load(path)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RunError(f"{path}: not a state dict of tensors")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_weights(model, path: Path, what: str, assign: bool = False) -> None:
-    """Load a plain weights file into ``model`` (strictly: every key, every shape). A timm
-    model takes timm's / torchvision's own keys or a kdlab ``model.pt`` (keys under
-    ``net.``). ``assign=True`` (a model on the meta device) checks keys and shapes only."""
-    state = read_state_dict(path, what)
-    target = model
-    if hasattr(model, "net") and not any(k.startswith("net.") for k in state):
-        target = model.net
-    try:
-        target.load_state_dict(state, assign=assign)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = " ".join(lines[1:3] if len(lines) > 1 else lines)[:300]
-        raise RunError(f"{what}: {path} does not fit the model ({reason})") from None
-
-
-def load_weights_model(name: str, path: Path, num_classes: int, input_shape, what: str):
-    """A frozen model in eval mode: ``name`` built for the data, weights from ``path``."""
-    from .models import build_model
-
-    try:
-        model = build_model(name, num_classes, input_shape=input_shape)
-    except ValueError as err:
-        raise ConfigError(f"{what}: {err}") from None
-    load_weights(model, path, what)
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
 
 
 def load_finished_model(run_dir: Path, num_classes: int | None = None, input_shape=None):

@@ -17,7 +17,6 @@ when its parent dies (Linux ``PR_SET_PDEATHSIG``) and also watches its parent's 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 from concurrent.futures.process import BrokenProcessPool
 import ctypes
 import multiprocessing
@@ -31,6 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, KdlabError, RunError, first_line
+from .ray_cluster import check_gpus_per_node, check_ray_address, quiet_stderr
 from .recipes import Recipe, expand
 from .runs import RunLock, atomic_write_json, check_writable_dir, make_dirs, read_json
 
@@ -102,28 +102,6 @@ def _init_worker(threads: int, parent_pid: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """A Ray cluster address (``HOST:PORT`` of its GCS, ``ray://HOST:PORT`` of a Ray
-    client server) answers a TCP connection within ``timeout_s``: a one-line error
-    otherwise, before Ray spends ~20 s retrying. ``auto`` is left to Ray."""
-    import socket
-
-    if address in ("auto", "local"):
-        return
-    rest = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--address {address!r}: give the cluster as HOST:PORT (its GCS, e.g. 10.0.0.5:6379) or "
-                          "ray://HOST:PORT (a Ray client server), or auto")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as err:
-        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
-        raise ConfigError(f"--address {address}: no Ray cluster answers there ({reason} within {timeout_s:g} s); "
-                          "check the address and that `ray start --head` runs on that machine") from None
-
-
 def unique_runs(runs: list) -> tuple[list, int]:
     """The grid without repeated configs (same run dir), first occurrence kept, and how
     many collapsed into others."""
@@ -158,6 +136,41 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     out_dir = Path(out_dir or Path("runs") / f"{recipe.id}-{scale}").resolve()
     grid = expand(recipe, scale, out_dir, settings)
     runs, collapsed = unique_runs(grid)
+    _check_sweep(recipe, scale, runs, out_dir, executor, workers, threads, address)
+    started = time.perf_counter()
+    status: dict[str, str] = {}
+    done = sum((r.run_dir / "result.json").is_file() for r in runs)
+    if collapsed:
+        log(f"{recipe.id} ({scale}): {len(grid)} grid entries are {len(runs)} distinct configs ({collapsed} identical "
+            "to others, e.g. after --set): each distinct run is trained once")
+    log(f"{recipe.id} ({scale}): {len(runs)} runs in {out_dir}, {done} finished already; "
+        f"executor {executor}, {workers} worker(s)")
+    bar = tqdm(total=len(runs), initial=done, disable=not progress, unit="run", desc=recipe.id, dynamic_ncols=True)
+    submit, shutdown = _executor(executor, workers, address, recipe.scales[scale], threads)
+    aborted = True
+    try:
+        for stage in dict.fromkeys(r.stage for r in runs):
+            pending = _submit_stage([r for r in runs if r.stage == stage], status, submit, bar, log)
+            _collect_stage(executor, pending, status, bar, log)
+        aborted = False
+    finally:
+        shutdown(aborted)
+        bar.close()
+    wall = time.perf_counter() - started
+    manifest = _manifest(recipe, scale, executor, workers, threads, settings, wall, grid, runs, collapsed, status)
+    previous = read_json(out_dir / "sweep.json") if (out_dir / "sweep.json").is_file() else {}
+    manifest["wall_time_total_s"] = previous.get("wall_time_total_s", 0.0) + wall
+    make_dirs(out_dir, "--out")
+    atomic_write_json(out_dir / "sweep.json", manifest)
+    failed = sum(s == "failed" for s in status.values())
+    log(f"{recipe.id} ({scale}): {sum(s == 'done' for s in status.values())}/{len(runs)} done, {failed} failed, "
+        f"{wall:.0f} s")
+    return manifest
+
+
+def _check_sweep(recipe: Recipe, scale: str, runs: list, out_dir: Path, executor: str, workers: int,
+                 threads: int | None, address: str | None) -> None:
+    """The options, the output directory and every dataset the grid reads (before anything is written)."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
@@ -172,54 +185,50 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
     except KdlabError as err:
         raise ConfigError(f"recipe {recipe.id} ({scale}): {err}") from None
     check_writable_dir(out_dir, "--out", probe=True)  # (everything checked: the runs write next)
-    started = time.perf_counter()
-    status: dict[str, str] = {}
-    done = sum((r.run_dir / "result.json").is_file() for r in runs)
-    if collapsed:
-        log(f"{recipe.id} ({scale}): {len(grid)} grid entries are {len(runs)} distinct configs ({collapsed} identical "
-            "to others, e.g. after --set): each distinct run is trained once")
-    log(f"{recipe.id} ({scale}): {len(runs)} runs in {out_dir}, {done} finished already; "
-        f"executor {executor}, {workers} worker(s)")
-    bar = tqdm(total=len(runs), initial=done, disable=not progress, unit="run", desc=recipe.id, dynamic_ncols=True)
-    submit, shutdown = _executor(executor, workers, address, recipe.scales[scale], threads)
-    aborted = True
-    try:
-        for stage in dict.fromkeys(r.stage for r in runs):
-            pending = {}
-            for run in (r for r in runs if r.stage == stage):
-                key = str(run.run_dir)
-                if (run.run_dir / "result.json").is_file():
-                    status[key] = "done"
-                    continue
-                failed = [t for t in run.teacher_of if status.get(str(t.run_dir), "done") != "done"]
-                if failed:
-                    status[key] = "skipped"
-                    log(f"skip {run.describe()}: teacher {failed[0].describe()} did not finish")
-                    bar.update(1)
-                    continue
-                holder = RunLock.busy(run.run_dir)
-                if holder is not None:
-                    log(f"{run.describe()} is being trained by {holder}: waiting for it rather than training it twice")
-                pending[submit(run)] = run
-            for future in _as_completed(executor, pending):
-                run = pending[future]
-                try:
-                    result = _result(executor, future)
-                    status[str(run.run_dir)] = "done"
-                    bar.set_postfix_str(f"{run.describe()} test_acc={result['final'].get('test_acc', float('nan')):.4f}")
-                except KdlabError as err:
-                    status[str(run.run_dir)] = "failed"
-                    log(f"FAILED {run.describe()}: {err}")
-                except Exception as err:  # a crash in one run must not lose the others
-                    status[str(run.run_dir)] = "failed"
-                    log(f"FAILED {run.describe()}: {type(err).__name__}: {err}")
-                bar.update(1)
-        aborted = False
-    finally:
-        shutdown(aborted)
-        bar.close()
-    wall = time.perf_counter() - started
-    manifest = {
+
+
+def _submit_stage(stage_runs: list, status: dict, submit, bar, log) -> dict:
+    """Submit a stage's runs (future -> run), but for finished runs and those whose
+    teacher did not finish (skipped); say so when another process holds a run."""
+    pending = {}
+    for run in stage_runs:
+        key = str(run.run_dir)
+        if (run.run_dir / "result.json").is_file():
+            status[key] = "done"
+            continue
+        failed = [t for t in run.teacher_of if status.get(str(t.run_dir), "done") != "done"]
+        if failed:
+            status[key] = "skipped"
+            log(f"skip {run.describe()}: teacher {failed[0].describe()} did not finish")
+            bar.update(1)
+            continue
+        holder = RunLock.busy(run.run_dir)
+        if holder is not None:
+            log(f"{run.describe()} is being trained by {holder}: waiting for it rather than training it twice")
+        pending[submit(run)] = run
+    return pending
+
+
+def _collect_stage(executor: str, pending: dict, status: dict, bar, log) -> None:
+    """Wait for a stage's runs as they complete; a failed run is logged, not raised."""
+    for future in _as_completed(executor, pending):
+        run = pending[future]
+        try:
+            result = _result(executor, future)
+            status[str(run.run_dir)] = "done"
+            bar.set_postfix_str(f"{run.describe()} test_acc={result['final'].get('test_acc', float('nan')):.4f}")
+        except KdlabError as err:
+            status[str(run.run_dir)] = "failed"
+            log(f"FAILED {run.describe()}: {err}")
+        except Exception as err:  # a crash in one run must not lose the others
+            status[str(run.run_dir)] = "failed"
+            log(f"FAILED {run.describe()}: {type(err).__name__}: {err}")
+        bar.update(1)
+
+
+def _manifest(recipe: Recipe, scale: str, executor: str, workers: int, threads: int | None, settings, wall: float,
+              grid: list, runs: list, collapsed: int, status: dict) -> dict:
+    return {
         # the recipe snapshot in python mode keeps τ = inf (json writes it as Infinity)
         "recipe": recipe.id, "scale": scale, "recipe_spec": recipe.model_dump(), "executor": executor, "workers": workers,
         "threads": threads, "settings": list(settings),
@@ -229,14 +238,6 @@ def run_sweep(recipe: Recipe, scale: str = "quick", out_dir: str | Path | None =
                   "status": status.get(str(r.run_dir), "done" if (r.run_dir / "result.json").is_file() else "pending")}
                  for r in grid],
     }
-    previous = read_json(out_dir / "sweep.json") if (out_dir / "sweep.json").is_file() else {}
-    manifest["wall_time_total_s"] = previous.get("wall_time_total_s", 0.0) + wall
-    make_dirs(out_dir, "--out")
-    atomic_write_json(out_dir / "sweep.json", manifest)
-    failed = sum(s == "failed" for s in status.values())
-    log(f"{recipe.id} ({scale}): {sum(s == 'done' for s in status.values())}/{len(runs)} done, {failed} failed, "
-        f"{wall:.0f} s")
-    return manifest
 
 
 class _Inline:
@@ -309,14 +310,14 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
     if started_here:
         kwargs = {"address": address} if address else {"num_cpus": max(workers * scale_spec.cpus_per_run, 1)}
         try:
-            with _quiet_stderr(address is not None):  # a failing join retries for ~20 s, a line per second
+            with quiet_stderr(address is not None):  # a failing join retries for ~20 s, a line per second
                 ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
         except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
             raise ConfigError(f"could not start or join {where}: {first_line(err)}") from None
     processes = scale_spec.processes_per_run
     if processes > 1:  # N GPUs per run: one torchrun of N processes inside a task that holds them
-        _check_gpus_per_node(ray, scale_spec.gpus_per_run)
+        check_gpus_per_node(ray, scale_spec.gpus_per_run)
         task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config_processes)
         return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run, processes)), \
             (lambda aborted=False: ray.shutdown() if started_here else None)
@@ -324,40 +325,6 @@ def _executor(kind: str, workers: int, address: str | None, scale_spec, threads:
     task = ray.remote(num_cpus=scale_spec.cpus_per_run, num_gpus=scale_spec.gpus_per_run)(_train_config)
     return (lambda run: task.remote(run.config.model_dump(mode="json"), scale_spec.cpus_per_run)), \
         (lambda aborted=False: ray.shutdown() if started_here else None)
-
-
-@contextlib.contextmanager
-def _quiet_stderr(enabled: bool):
-    """Hold back what is written to file descriptor 2 (Ray's C++ core logs there) while
-    joining a cluster; shown if the join succeeds, dropped if it fails (the error says why)."""
-    if not enabled:
-        yield
-        return
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            raise
-        else:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-        finally:
-            os.close(saved)
-
-
-def _check_gpus_per_node(ray, gpus: float) -> None:
-    """A multi-GPU run needs one node with that many GPUs (torchrun --standalone)."""
-    most = max((node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
-    if most < gpus:
-        raise ConfigError(f"gpus_per_run={gpus:g}: each run is one torchrun on one node, and the largest node of "
-                          f"this Ray cluster has {most:g} GPU(s)")
 
 
 def _as_completed(kind: str, pending: dict):

@@ -85,6 +85,32 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
         return analyze_translation_run(run_dir, classes, out_dir, n_bootstrap, figures, log)
     cfg = load_run_config(run_dir)
     num_classes = result["num_classes"]
+    evals = _load_evals(run_dir, teacher_dir, result, teacher_result)
+
+    report: dict = {"run_dir": str(run_dir), "teacher_dir": str(teacher_dir) if teacher_dir else None,
+                    "model": cfg.model.name, "dataset": cfg.data.name, "num_classes": num_classes}
+    report.update(_calibration(evals["test"], evals["val"], n_bootstrap))
+    report["logit_statistics"] = _logit_statistics(evals)
+    # an image folder's class folders (ImageNet: n01440764, ...), else the dataset's names or indices
+    names = list(result["class_names"]) if result.get("class_names") else class_names(cfg.data.name, num_classes)
+    report["projections"], all_projections = _projections(run_dir, cfg, evals, classes, names, num_classes)
+    report["projection"] = report["projections"][0]  # the first triple (as before several were allowed)
+    mi = _mutual_information(run_dir, cfg)
+    if mi is not None:
+        report["mutual_information"] = mi
+
+    check_writable_dir(out_dir, "--out", probe=True)
+    make_dirs(out_dir, "--out")
+    if figures:
+        report["figures"] = _figures(report, evals, all_projections, out_dir, run_dir.name, teacher_dir)
+    atomic_write_json(out_dir / "analysis.json", report)
+    log(summary(report))
+    return report
+
+
+def _load_evals(run_dir: Path, teacher_dir, result: dict, teacher_result) -> dict:
+    """The run's eval arrays by split (test required), each with its teacher's logits and
+    features added when ``teacher_dir`` is given (the same splits, same labels)."""
     evals = {split: load_eval(run_dir, split) for split in ("train", "val", "test")}
     if evals["test"] is None:
         raise RunError(f"{run_dir}: no eval_test.npz")
@@ -100,25 +126,27 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
                 raise RunError(f"teacher {teacher_dir} was evaluated on a different {split} split than {run_dir}")
             own["teacher_logits"] = t["logits"]
             own["teacher_features"] = t["features"]
+    return evals
 
-    test, val = evals["test"], evals["val"]
-    names = class_names(cfg.data.name, num_classes)
-    report: dict = {"run_dir": str(run_dir), "teacher_dir": str(teacher_dir) if teacher_dir else None,
-                    "model": cfg.model.name, "dataset": cfg.data.name, "num_classes": num_classes}
 
-    # calibration (test), temperature scaling fitted on validation NLL
-    report["calibration_test"] = calibration_report(test["logits"], test["labels"], n_resamples=n_bootstrap)
+def _calibration(test: dict, val: dict | None, n_bootstrap: int) -> dict:
+    """Calibration on test; temperature scaling fitted on validation NLL (when there is a val split)."""
+    out = {"calibration_test": calibration_report(test["logits"], test["labels"], n_resamples=n_bootstrap)}
     if val is not None and len(val["labels"]):
         temperature = fit_temperature(val["logits"], val["labels"])
         scaled = test["logits"] / temperature
-        report["temperature_scaling"] = {
+        out["temperature_scaling"] = {
             "temperature": temperature, "fitted_on": "val",
             "ece_before": expected_calibration_error(test["logits"], test["labels"]),
             "ece_after": expected_calibration_error(scaled, test["labels"]),
             "calibration_after": calibration_report(scaled, test["labels"], n_resamples=n_bootstrap),
         }
+    return out
 
-    # logit statistics
+
+def _logit_statistics(evals: dict) -> dict:
+    """Logit sums (train split, else test), gaps, feature norms, equivalent smoothing; against the teacher."""
+    test = evals["test"]
     sums_split = "train" if evals["train"] is not None else "test"
     stats = {"logit_sum_split": sums_split,
              "logit_sum": summarize(logit_sums(evals[sums_split]["logits"])),
@@ -135,11 +163,12 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
         }
         if "teacher_features" in test:
             stats["teacher"]["teacher_feature_norm_test"] = summarize(feature_norms(test["teacher_features"]))
-    report["logit_statistics"] = stats
+    return stats
 
-    # template projection (Müller §2): train and validation panels, for each triple of classes
-    if result.get("class_names"):  # an image folder's class folders (ImageNet: n01440764, ...)
-        names = list(result["class_names"])
+
+def _projections(run_dir: Path, cfg, evals: dict, classes, names: list[str], num_classes: int) -> tuple[list, list]:
+    """Template projection (Müller §2): train and validation panels, for each triple of
+    classes. (The report's entries, the panels for the figures.)"""
     triples = resolve_class_triples(classes, names, num_classes)
     state = torch_load(run_dir / "model.pt")
     head = _classifier_key(cfg, run_dir)
@@ -154,24 +183,20 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
                 projections[split] = project_templates(evals[split]["features"].astype(np.float64),
                                                        evals[split]["labels"], weight, bias, chosen)
         all_projections.append(projections)
-    report["projections"] = [{"classes": chosen, "class_names": [names[c] for c in chosen],
-                              "tightness": {s: p["tightness"] for s, p in projections.items()}}
-                             for chosen, projections in zip(triples, all_projections)]
-    report["projection"] = report["projections"][0]  # the first triple (as before several were allowed)
+    entries = [{"classes": chosen, "class_names": [names[c] for c in chosen],
+                "tightness": {s: p["tightness"] for s, p in projections.items()}}
+               for chosen, projections in zip(triples, all_projections)]
+    return entries, all_projections
 
+
+def _mutual_information(run_dir: Path, cfg) -> dict | None:
+    """The mutual-information curve the run logged (Müller §4), or None."""
     mi = read_metrics(run_dir, "mutual_information")
-    if mi:
-        report["mutual_information"] = {"step": [r["step"] for r in mi], "value": [r["mutual_information"] for r in mi],
-                                        "first": mi[0]["mutual_information"], "last": mi[-1]["mutual_information"],
-                                        "bound_log_n": float(np.log(cfg.mutual_information.per_class * 2))}
-
-    check_writable_dir(out_dir, "--out", probe=True)
-    make_dirs(out_dir, "--out")
-    if figures:
-        report["figures"] = _figures(report, evals, all_projections, out_dir, run_dir.name, teacher_dir)
-    atomic_write_json(out_dir / "analysis.json", report)
-    log(summary(report))
-    return report
+    if not mi:
+        return None
+    return {"step": [r["step"] for r in mi], "value": [r["mutual_information"] for r in mi],
+            "first": mi[0]["mutual_information"], "last": mi[-1]["mutual_information"],
+            "bound_log_n": float(np.log(cfg.mutual_information.per_class * 2))}
 
 
 def _figures(report, evals, projections, out_dir: Path, label: str, teacher_dir) -> dict:

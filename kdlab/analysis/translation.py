@@ -97,6 +97,24 @@ def analyze_translation_run(run_dir: Path, classes=None, out_dir=None, n_bootstr
     report["train_token_accuracy"] = float(train["correct"].mean())
 
     names = piece_names(run_dir)
+    all_projections = _token_projections(run_dir, classes, names, train, val)
+    report["projections"] = [{"classes": chosen, "class_names": [names[c] for c in chosen],
+                              "tightness": {s: p["tightness"] for s, p in panels.items()}}
+                             for chosen, panels in all_projections]
+    report["projection"] = report["projections"][0]
+
+    check_writable_dir(out_dir, "--out", probe=True)
+    make_dirs(out_dir, "--out")
+    if figures:
+        report["figures"] = _figures(report, result, val, all_projections, out_dir, run_dir.name)
+    atomic_write_json(out_dir / "analysis.json", report)
+    log(summary_lines(report))
+    return report
+
+
+def _token_projections(run_dir: Path, classes, names: list[str], train: dict, val: dict) -> list:
+    """Fig. 7: (token triple, {split: template projection}) for each triple, on the tied
+    softmax's rows; a split gets a panel only where all three tokens occur in it."""
     state = torch_load(run_dir / "model.pt")
     if "embed.weight" not in state or "fc_bias" not in state:
         raise RunError(f"{run_dir}/model.pt has no tied softmax (embed.weight, fc_bias)")
@@ -110,38 +128,31 @@ def analyze_translation_run(run_dir: Path, classes=None, out_dir=None, n_bootstr
                 panels[split] = project_templates(arrays["features"].astype(np.float64), arrays["labels"], weight,
                                                   bias, chosen)
         all_projections.append((chosen, panels))
-    report["projections"] = [{"classes": chosen, "class_names": [names[c] for c in chosen],
-                              "tightness": {s: p["tightness"] for s, p in panels.items()}}
-                             for chosen, panels in all_projections]
-    report["projection"] = report["projections"][0]
+    return all_projections
 
-    check_writable_dir(out_dir, "--out", probe=True)
-    make_dirs(out_dir, "--out")
-    if figures:
-        label = run_dir.name
-        figs = {"reliability": str(plots.reliability_diagram(
-            {label: (val["confidence"], val["correct"]),
-             f"{label} + TS (T={temperature:.2f})": (val["confidence_ts"], val["correct"])},
-            out_dir / "reliability"))}
-        grid = summary["grid"]
-        figs["temperature_curve"] = str(plots.curve(
-            grid["temperature"], {"ECE": grid["ece"], "NLL / 10": [v / 10 for v in grid["nll"]]},
-            out_dir / "temperature_curve", "temperature T", "value",
-            "Validation tokens against the softmax temperature (Fig. 6's shape)"))
-        if "bleu_temperature" in result:
-            curve = result["bleu_temperature"]
-            figs["bleu_temperature"] = str(plots.curve(
-                curve["temperature"], {f"beam {curve['beam']}": curve["bleu"]}, out_dir / "bleu_temperature",
-                "temperature T", "BLEU (uncased)",
-                f"Validation BLEU against T ({curve['sentences']} sentences)"))
-        for number, ((chosen, panels), proj) in enumerate(zip(all_projections, report["projections"]), start=1):
-            if panels:
-                key = "projection" if number == 1 else f"projection_{number}"
-                figs[key] = str(plots.template_projection(panels, proj["class_names"], out_dir / key))
-        report["figures"] = figs
-    atomic_write_json(out_dir / "analysis.json", report)
-    log(summary_lines(report))
-    return report
+
+def _figures(report: dict, result: dict, val: dict, all_projections: list, out_dir: Path, label: str) -> dict:
+    temperature = report["temperature_scaling"]["temperature"]
+    figs = {"reliability": str(plots.reliability_diagram(
+        {label: (val["confidence"], val["correct"]),
+         f"{label} + TS (T={temperature:.2f})": (val["confidence_ts"], val["correct"])},
+        out_dir / "reliability"))}
+    grid = result["token_calibration"]["grid"]
+    figs["temperature_curve"] = str(plots.curve(
+        grid["temperature"], {"ECE": grid["ece"], "NLL / 10": [v / 10 for v in grid["nll"]]},
+        out_dir / "temperature_curve", "temperature T", "value",
+        "Validation tokens against the softmax temperature (Fig. 6's shape)"))
+    if "bleu_temperature" in result:
+        curve = result["bleu_temperature"]
+        figs["bleu_temperature"] = str(plots.curve(
+            curve["temperature"], {f"beam {curve['beam']}": curve["bleu"]}, out_dir / "bleu_temperature",
+            "temperature T", "BLEU (uncased)",
+            f"Validation BLEU against T ({curve['sentences']} sentences)"))
+    for number, ((chosen, panels), proj) in enumerate(zip(all_projections, report["projections"]), start=1):
+        if panels:
+            key = "projection" if number == 1 else f"projection_{number}"
+            figs[key] = str(plots.template_projection(panels, proj["class_names"], out_dir / key))
+    return figs
 
 
 def summary_lines(report: dict) -> str:
