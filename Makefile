@@ -37,4 +37,4 @@ test: $(BIN)/kdlab
 	$(BIN)/python -m pytest -q
 
 test-timm: $(TIMM_VENV)/bin/kdlab
-	$(TIMM_VENV)/bin/python -m pytest -q tests/test_timm.py
+	$(TIMM_VENV)/bin/python -m pytest -q tests/test_timm.py tests/test_taps.py

@@ -54,37 +54,9 @@ def _cmd_configs(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from .models import build_model, count_parameters, describe_models, list_models
-    from .models.timm_family import import_timm
+    from .models.listing import models_command
 
-    try:
-        timm = import_timm()
-    except ValueError as err:
-        timm, no_timm = None, str(err)
-    if args.timm is not None:
-        if timm is None:
-            raise ConfigError(no_timm)
-        names = timm.list_models(args.timm)
-        for name in names:
-            print(f"timm:{name}")
-        print(f"{len(names)} of timm {timm.__version__}'s {len(timm.list_models())} architectures match "
-              f"{args.timm!r}", file=sys.stderr)
-        return 0
-    print("families (any size the pattern allows):")
-    for pattern, help in describe_models():
-        print(f"  {pattern:24s} {help}")
-    print("\nexamples (parameters with 100 classes, 32×32×3 inputs; 1×40 for cnn1d; 224×224×3 for timm):")
-    for name in list_models():
-        if name.startswith("timm:") and timm is None:
-            continue
-        shape = (1, 40) if name.startswith("cnn1d") else (3, 224, 224) if name.startswith("timm:") else (3, 32, 32)
-        print(f"  {name:16s} {count_parameters(build_model(name, 100, input_shape=shape)) / 1e6:8.3f}M")
-    if timm is None:
-        print(f"\ntimm family unavailable here: {no_timm}")
-    else:
-        print(f"\ntimm {timm.__version__}: {len(timm.list_models())} architectures; "
-              "`kdlab models --timm 'resnet*'` lists names")
-    return 0
+    return models_command(args)
 
 
 def _cmd_demo(args) -> int:
@@ -221,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_configs)
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("--timm", metavar="PATTERN", help="list timm's architectures matching a glob, e.g. 'resnet*'")
+    p.add_argument("--layers", metavar="NAME", help="a model's modules with their output shapes (tap points for "
+                   "feature distillation) and its family's stage taps, e.g. --layers wrn-16-2 or timm:resnet50")
+    p.add_argument("--input-shape", metavar="C,H,W", help="with --layers: one sample's shape (default 3,32,32; "
+                   "1,40 for cnn1d; 3,224,224 for timm)")
+    p.add_argument("--num-classes", type=int, default=100, help="with --layers: the number of classes (default 100)")
     p.set_defaults(func=_cmd_models)
     p = sub.add_parser("analyze", help="calibration, logit statistics, projections, MI of a finished run")
     p.add_argument("run_dir")

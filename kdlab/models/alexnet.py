@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .registry import register_family
+from .taps import StageTap, relu_stages
 
 
 class AlexNetCifar(nn.Module):
@@ -35,6 +36,10 @@ class AlexNetCifar(nn.Module):
         features = self.hidden(self.features(x))
         logits = self.fc(features)
         return (logits, features) if return_features else logits
+
+    def stage_taps(self) -> list[StageTap]:
+        """The two conv layers (their ReLU's output; before it, the conv's: no batch norm)."""
+        return relu_stages(self.features, "features.", (nn.Conv2d,))
 
 
 @register_family(r"alexnet-cifar", ["alexnet-cifar"],

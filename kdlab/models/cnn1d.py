@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .registry import positive_sizes, register_family
+from .taps import StageTap, relu_stages
 
 
 class CNN1d(nn.Module):
@@ -31,6 +32,10 @@ class CNN1d(nn.Module):
         features = self.body(x)
         logits = self.fc(features)
         return (logits, features) if return_features else logits
+
+    def stage_taps(self) -> list[StageTap]:
+        """The three conv-BN-ReLU layers (their ReLU's output; before it, the BN's output)."""
+        return relu_stages(self.body, "body.", (nn.BatchNorm1d,))
 
 
 @register_family(r"cnn1d-(\d+)", ["cnn1d-8", "cnn1d-32"], "1-D CNN of width W for MNIST-1D")

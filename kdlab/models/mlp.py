@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .registry import positive_sizes, register_family
+from .taps import StageTap, relu_stages
 
 
 class MLP(nn.Module):
@@ -36,6 +37,11 @@ class MLP(nn.Module):
         features = self.hidden(x)
         logits = self.fc(features)
         return (logits, features) if return_features else logits
+
+    def stage_taps(self) -> list[StageTap]:
+        """Each hidden layer after its ReLU; before the ReLU: the linear layer's output, or its
+        norm's (batch or layer norm) when the model has one."""
+        return relu_stages(self.hidden, "hidden.", (nn.Linear, nn.BatchNorm1d, nn.LayerNorm))
 
 
 @register_family(r"mlp((?:-\d+)+)(?:-(bn|ln))?", ["mlp-1200-1200", "mlp-800-800", "mlp-64-64-bn"],

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import register_family
+from .taps import StageTap
 
 
 class _Basic(nn.Module):
@@ -20,6 +21,7 @@ class _Basic(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.stride = stride
         self.pad = planes - in_planes
+        self.relu = nn.ReLU()  # the last ReLU, a module so that its input (the pre-ReLU sum) can be tapped
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -29,7 +31,7 @@ class _Basic(nn.Module):
             # option A: subsample spatially, zero-pad the new channels (no parameters)
             shortcut = x[:, :, :: self.stride, :: self.stride]
             shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + shortcut)
+        return self.relu(out + shortcut)
 
 
 class CifarResNet(nn.Module):
@@ -57,6 +59,14 @@ class CifarResNet(nn.Module):
         features = F.adaptive_avg_pool2d(out, 1).flatten(1)
         logits = self.fc(features)
         return (logits, features) if return_features else logits
+
+    def stage_taps(self) -> list[StageTap]:
+        """The three stages' outputs (their last block's, after its ReLU); the pre-ReLU feature is
+        the input of that block's last ReLU (bn2's output plus the shortcut), and its norm bn2 (Heo
+        et al.'s OFD code, get_bn_before_relu)."""
+        m = len(self.layers) // 3
+        ends = [f"layers.{(g + 1) * m - 1}" for g in range(3)]
+        return [StageTap(end, f"{end}.relu:in", f"{end}.bn2") for end in ends]
 
 
 @register_family(r"resnet-(\d+)", ["resnet-20", "resnet-56", "resnet-110"],

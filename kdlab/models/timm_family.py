@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .registry import register_family
+from .taps import StageTap
 
 EXAMPLES = ["timm:resnet50", "timm:resnet152", "timm:inception_v4"]
 
@@ -60,6 +62,37 @@ class TimmClassifier(nn.Module):
         features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
         logits = self.net.get_classifier()(features)
         return (logits, features) if return_features else logits
+
+    def stage_taps(self) -> list[StageTap]:
+        """timm's feature levels (``feature_info``: what ``features_only=True`` returns; a ResNet's
+        first is its stem, ``act1``). Where a level ends in a ReLU module ``actK`` with a sibling
+        ``bnK`` (ResNets: the stem's act1, each stage's last block's act3 / act2) the pre-ReLU
+        feature is that ReLU's input and ``bn`` is ``bnK``; elsewhere (GELU nets, ...) None."""
+        levels = [info["module"] for info in getattr(self.net, "feature_info", None) or []]
+        if not levels:
+            raise ValueError(f"timm:{self.timm_name} has no feature_info (timm's stage list): pass module names "
+                             f"to Taps(model, ['net.NAME', ...]) (`kdlab models --layers timm:{self.timm_name}`)")
+        return [StageTap(f"net.{level}", *self._before_relu(level)) for level in levels]
+
+    def _before_relu(self, level: str) -> tuple[str | None, str | None]:
+        """(pre-ReLU spec, norm name) of one feature level, or (None, None)."""
+        module = self.net.get_submodule(level)
+        if isinstance(module, nn.Sequential) and len(module):  # a stage of blocks: its last block's last ReLU
+            block = f"{level}.{len(module) - 1}"
+            candidates = [(f"{block}.act{k}", f"{block}.bn{k}") for k in (3, 2)]
+        else:  # the level is a ReLU itself, actK after bnK (a ResNet's stem)
+            parent, _, attr = level.rpartition(".")
+            candidates = [(level, parent + "." * bool(parent) + "bn" + attr[3:])] if attr.startswith("act") else []
+        for act, norm in candidates:
+            if isinstance(self._find(act), nn.ReLU) and isinstance(self._find(norm), _BatchNorm):
+                return f"net.{act}:in", f"net.{norm}"
+        return None, None
+
+    def _find(self, name: str) -> nn.Module | None:
+        try:
+            return self.net.get_submodule(name)
+        except AttributeError:
+            return None
 
 
 @register_family(r"timm:([A-Za-z0-9_.-]+)", EXAMPLES,

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import positive_sizes, register_family
+from .taps import StageTap
 
 
 class _Block(nn.Module):
@@ -58,6 +59,14 @@ class WideResNet(nn.Module):
         features = F.adaptive_avg_pool2d(out, 1).flatten(1)
         logits = self.fc(features)
         return (logits, features) if return_features else logits
+
+    def stage_taps(self) -> list[StageTap]:
+        """The three groups' outputs (pre-activation sums, as Zagoruyko's AT code takes them);
+        before each group's ReLU is the next group's first bn1 (the final bn for the last), whose
+        output is the pre-ReLU feature (Heo et al.'s OFD code, get_bn_before_relu)."""
+        n = len(self.blocks) // 3
+        norms = [f"blocks.{(g + 1) * n}.bn1" for g in range(2)] + ["bn"]
+        return [StageTap(f"blocks.{(g + 1) * n - 1}", norm, norm) for g, norm in enumerate(norms)]
 
 
 @register_family(r"wrn-(\d+)-(\d+)", ["wrn-16-2", "wrn-16-4", "wrn-28-2", "wrn-28-4", "wrn-40-6"],
