@@ -192,3 +192,146 @@ def distillation_loss_parts(
         parts["kd"] = alpha * term
         total = total + parts["kd"]
     return total, parts
+
+
+# --- Modern logit-based objectives: DKD (Zhao et al. 2022), logit standardisation (Sun et al. 2024)
+
+DKDTargetMask = Literal["exact", "mdistiller"]
+
+DKD_ALPHA = 1.0  # mdistiller cfg.DKD.ALPHA
+DKD_BETA = 8.0  # mdistiller cfg.DKD.BETA; some CIFAR-100 configs set 6.0 (e.g. vgg13→vgg8, wrn-40-2→wrn-16-2)
+DKD_TAU = 4.0  # mdistiller cfg.DKD.T
+DKD_WARMUP_EPOCHS = 20  # mdistiller cfg.DKD.WARMUP
+DKD_MDISTILLER_MASK = 1000.0  # what mdistiller subtracts from the target's z/τ to drop it from the NCKD softmax
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = DKD_ALPHA,
+    beta: float = DKD_BETA,
+    tau: float = DKD_TAU,
+    target_mask: DKDTargetMask = "exact",
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022, CVPR; arXiv 2203.08679): α·TCKD + β·NCKD, batch mean.
+
+    With p = softmax(z/τ) and t the label, the binary split b = [p_t, 1 − p_t] and the
+    distribution among the non-target classes p̂_k = p_k / (1 − p_t), k ≠ t:
+
+        TCKD = τ² · KL(b_T ‖ b_S)          NCKD = τ² · KL(p̂_T ‖ p̂_S)
+
+    and plain KD decomposes as KD = TCKD + (1 − p_t^T)·NCKD (the paper's reformulation of
+    KD; both sides at the same τ and with the same τ² factor). α weights TCKD, β NCKD:
+    this is *not* the α of :func:`distillation_loss` (which weights KD against CE). The
+    reference (mdistiller ``DKD.py``) adds CE with weight 1 and multiplies this loss by
+    :func:`dkd_warmup_factor`; both belong to the caller.
+
+    ``target_mask="exact"`` (default) computes log p_t, log(1 − p_t) and the non-target
+    log-softmax with log-sum-exps over the K−1 non-target logits, so it stays finite when
+    a network puts (numerically) all its mass on one class. ``"mdistiller"`` reproduces
+    the reference: TCKD takes the log of summed softmax probabilities (log 0 = −inf, and
+    0·inf = NaN once both networks saturate the target, e.g. z_t − z_k ≳ 104·τ in float32)
+    and NCKD drops the target by subtracting 1000 from z_t/τ before a K-way softmax (exact
+    to float32 unless z_t/τ exceeds the other logits/τ by ~900). On ordinary logits the two
+    agree to float32 rounding; they differ only at saturation.
+    """
+    tau = _check_tau(tau)
+    if math.isinf(tau):
+        raise ValueError("dkd_loss needs a finite tau")
+    if target_mask not in ("exact", "mdistiller"):
+        raise ValueError(f"unknown DKD target_mask {target_mask!r}: use 'exact' or 'mdistiller'")
+    zs, zt = student_logits.float() / tau, teacher_logits.float() / tau
+    target = F.one_hot(labels.long(), zs.shape[-1]).bool()
+    if target_mask == "mdistiller":
+        tckd, nckd = _dkd_parts_mdistiller(zs, zt, target)
+    else:
+        tckd, nckd = _dkd_parts_exact(zs, zt, target)
+    return tau * tau * (alpha * tckd + beta * nckd).mean()
+
+
+def _dkd_parts_exact(zs: torch.Tensor, zt: torch.Tensor, target: torch.Tensor):
+    """Per-sample (TCKD, NCKD) without the τ² factor, from the tempered logits."""
+    batch, classes = zs.shape
+
+    def split(z):
+        others = z[~target].view(batch, classes - 1)
+        log_all = torch.logsumexp(z, dim=-1)
+        log_others = torch.logsumexp(others, dim=-1)
+        log_binary = torch.stack([z[target] - log_all, log_others - log_all], dim=-1)  # log [p_t, 1 − p_t]
+        return log_binary, others - log_others.unsqueeze(-1)  # log p̂ over the non-target classes
+
+    log_bs, log_ps = split(zs)
+    log_bt, log_pt = split(zt)
+    tckd = (log_bt.exp() * (log_bt - log_bs)).sum(-1)
+    nckd = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    return tckd, nckd
+
+
+def _dkd_parts_mdistiller(zs: torch.Tensor, zt: torch.Tensor, target: torch.Tensor):
+    """The reference's arithmetic (mdistiller DKD.py), per sample, without τ²."""
+    ps, pt = F.softmax(zs, dim=-1), F.softmax(zt, dim=-1)
+    bs = torch.stack([(ps * target).sum(-1), (ps * ~target).sum(-1)], dim=-1)
+    bt = torch.stack([(pt * target).sum(-1), (pt * ~target).sum(-1)], dim=-1)
+    tckd = F.kl_div(torch.log(bs), bt, reduction="none").sum(-1)
+    shift = DKD_MDISTILLER_MASK * target
+    nckd = F.kl_div(F.log_softmax(zs - shift, dim=-1), F.softmax(zt - shift, dim=-1), reduction="none").sum(-1)
+    return tckd, nckd
+
+
+def dkd_warmup_factor(epoch: float, warmup_epochs: int = DKD_WARMUP_EPOCHS) -> float:
+    """min(epoch / warmup_epochs, 1): mdistiller's linear warm-up of the whole DKD term
+    (``DKD.forward_train``: ``min(kwargs["epoch"] / self.warmup, 1.0) * dkd_loss(...)``).
+
+    mdistiller counts epochs from 1 (``BaseTrainer.train`` starts at ``epoch = 1``), so its
+    first epoch uses 1/20 and the factor is 1 from epoch 20 on; a loop counting from 0
+    passes ``epoch + 1`` to match. The factor is constant within an epoch. CE is not warmed
+    up. A schedule, not part of the objective: it is the caller's to apply.
+    """
+    if warmup_epochs <= 0:
+        raise ValueError(f"warmup_epochs must be > 0, got {warmup_epochs}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    return min(float(epoch) / warmup_epochs, 1.0)
+
+
+LS_BASE_TAU = 2.0  # logit-standardization-KD README: --base-temp 2 (3 for some pairs); tools/train.py default 2
+LS_KD_WEIGHT = 9.0  # its --kd-weight default; its cfg.py keeps CE weight 1 for KD
+
+
+def standardize_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score over the classes, float32: (z − mean(z)) / (std(z) + eps) (Sun et al. 2024).
+
+    std is torch's default, Bessel-corrected (divides by K − 1), and eps is added to it, as
+    in the reference (sunshangquan/logit-standardization-KD, ``normalize`` in
+    ``mdistiller/distillers/KD.py``). A population std would scale every standardised
+    logit by √(K/(K−1)), which a change of τ absorbs. A constant logit vector maps to 0.
+    """
+    z = z.float()
+    centered = z - z.mean(dim=-1, keepdim=True)
+    return centered / (z.std(dim=-1, keepdim=True) + eps)
+
+
+def logit_standardized_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tau: float = LS_BASE_TAU,
+    scaling: KLScaling = "tau2",
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """KD on z-scored logits (Sun et al. 2024, CVPR): :func:`kl_loss` applied to
+    :func:`standardize_logits` of both networks, batch mean.
+
+        L = c(τ) · KL( softmax(Z(z_t)/τ) ‖ softmax(Z(z_s)/τ) ),   Z(z) = (z − z̄)/σ(z)
+
+    Each network's effective temperature is τ·σ(z) (its own), so the student need not match
+    the teacher's logit range, only its relations; the loss is invariant to adding a
+    constant to, or multiplying by a positive constant, either network's logits (up to
+    eps). τ is what the reference calls the *base* temperature (README: ``--base-temp 2``,
+    3 for some pairs), and it keeps the τ² factor: ``kd_loss`` multiplies by
+    ``temperature**2`` after standardising, so ``scaling="tau2"`` is the reference's form.
+    Its KD weight is 9 with CE weight 1 (``--kd-weight 9``; cfg.py ``KD.LOSS``); for DKD
+    the reference standardises the logits and then runs DKD unchanged (use
+    :func:`standardize_logits` then :func:`dkd_loss`).
+    """
+    return kl_loss(standardize_logits(student_logits, eps), standardize_logits(teacher_logits, eps), tau, scaling)
