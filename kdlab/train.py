@@ -37,11 +37,12 @@ from .runs import (
     torch_load,
 )
 from .training.checks import check_memory, check_processes, check_teacher_source
-from .training.distill import LogitDistiller, open_teacher_source
+from .training.distill import open_teacher_source
 from .training.loop import Loop
+from .training.methods import build_distiller, check_distiller
 from .training.probes import MutualInformationProbe
 from .training.rundir import claim_run_dir, load_checkpoint, remove_created, threads_for_resume, write_meta
-from .training.state import build_state
+from .training.state import build_state, build_student
 from .training.teachers import Teachers
 
 
@@ -77,6 +78,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
             shapes = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
         load_weights(shapes, Path(cfg.model.pretrained_path), "model.pretrained_path", assign=True)
     check_teacher_source(cfg, data)
+    if teachers is not None:
+        check_distiller(cfg, data, teachers)
     check_processes(cfg, data, ctx, device)
     check_memory(cfg, data, num_params, device)
     probe = MutualInformationProbe(cfg, data, resolve_bf16(cfg, device)) \
@@ -168,15 +171,16 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     multi-process run (``ctx``); rank 0 alone writes."""
     checkpoint, processes = _prepare(cfg, run_dir, device, data, teachers, ctx, log)
     bf16 = processes["bf16"]
-    state = build_state(cfg, data, device, ctx)
+    student = build_student(cfg, data, device, ctx)
+    distiller = build_distiller(cfg, data, student, teachers, device, bf16)  # (its adapters join the optimizer)
+    state = build_state(cfg, student, distiller, device)
     if checkpoint is not None:
         state.restore(checkpoint, run_dir / "checkpoint.pt", ctx)
         if checkpoint.get("step_in_epoch"):
             log(f"{run_dir}: resuming in epoch {checkpoint['epoch'] + 1} after step {checkpoint['step_in_epoch']}")
         else:
             log(f"{run_dir}: resuming after epoch {checkpoint['epoch']}")
-    source = open_teacher_source(cfg, data, teachers, ctx, bf16, log, progress)
-    distiller = LogitDistiller(state.model, source, cfg.loss, device.type, bf16)
+    distiller.source = open_teacher_source(cfg, data, teachers, ctx, bf16, log, progress)
     # DDP wraps what the distiller trains (the student; teachers stay frozen and unwrapped);
     # `state.model` is the student itself for evaluation, EMA and saving
     train_module = distiller.module

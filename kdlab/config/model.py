@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
+from .distill import DistillConfig
 from .sections import (
     SEED_MAX,
     DataConfig,
@@ -38,6 +40,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     teacher: Optional[TeacherConfig] = None
+    distill: DistillConfig = Field(DistillConfig(), description="the distillation method beyond the loss section")
     mutual_information: MutualInformationConfig = MutualInformationConfig()
     decode: DecodeConfig = Field(DecodeConfig(), description="translation: decoding for BLEU")
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
@@ -73,6 +76,31 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _method_needs(self):
+        """What a distillation method needs from the other sections, named before anything runs."""
+        method = self.distill.method
+        if method == "logit":
+            return self
+        if self.teacher is None:
+            raise ValueError(f"distill.method={method} needs a teacher section (teacher.runs)")
+        if self.data.name == "translation":
+            raise ValueError(f"distill.method={method}: translation takes the logit objective of the loss section")
+        if self.distill.feature:
+            if self.teacher.cache.mode != "off" or self.teacher.store.crops:
+                raise ValueError(f"distill.method={method} runs its teacher online (it needs the teacher's features "
+                                 "of the same batch): drop teacher.cache / teacher.store")
+            if len(self.teacher.runs) + len(self.teacher.weights) != 1:
+                raise ValueError(f"distill.method={method} taps one teacher's layers: give one teacher, not an "
+                                 "ensemble")
+        if method == "dkd" and self.loss.alpha:
+            raise ValueError("distill.method=dkd replaces the loss section's KD term: set loss.alpha=0 (DKD's "
+                             "weights are distill.options alpha and beta)")
+        if method == "lskd" and (self.loss.alpha == 0 or self.loss.kd != "kl" or math.isinf(self.loss.tau)):
+            raise ValueError("distill.method=lskd standardises the logits of the loss section's KL term: it needs "
+                             "loss.alpha > 0, loss.kd=kl and a finite loss.tau")
+        return self
+
+    @model_validator(mode="after")
     def _translation(self):
         """What translation (token sequences) cannot take, named before anything runs."""
         translation = self.data.name == "translation"
@@ -100,6 +128,12 @@ class Config(_Strict):
                              "after its last batch; use one or the other")
         return self
 
+    @property
+    def teacher_in_step(self) -> bool:
+        """Whether training needs the teacher's logits on its batches (a KD term, or a method
+        beyond the logit objective)."""
+        return self.teacher is not None and (self.loss.alpha > 0 or self.distill.method != "logit")
+
     def run_hash(self) -> str:
         """8 hex digits of the SHA-256 of the resolved config; out_dir and the teachers'
         parent directories excluded, so a tree of runs can be moved, and the device and
@@ -120,6 +154,10 @@ class Config(_Strict):
                 del payload["data"][key]
         # decoding is not training: a finished run decodes again with other settings (`kdlab translate`)
         del payload["decode"]
+        if self.distill.method == "logit":  # newer than existing run dirs: the logit objective hashes as before
+            del payload["distill"]
+        else:  # the options as the method resolves them (defaults filled in): an explicit default hashes the same
+            payload["distill"]["options"] = self.distill.settings().model_dump(mode="json")
         if self.optim.optimizer == "sgd":
             for key in ("optimizer", "betas", "eps"):
                 del payload["optim"][key]
@@ -161,6 +199,8 @@ class Config(_Strict):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="python")
+        if self.distill == DistillConfig():  # the logit objective alone: config.yaml as before the section
+            del data["distill"]
         return yaml.safe_dump(data, sort_keys=False)
 
 

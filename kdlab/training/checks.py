@@ -30,7 +30,7 @@ def estimate_memory(cfg: Config, data: Dataset, num_params: int) -> dict[str, in
         per_input = math.prod(data.input_shape) * (data.train_x.element_size() + 4)
         items["mutual-information probe (inputs × views, pairwise densities)"] = (
             examples * mi.views * (per_input + 8 * data.num_classes) + 24 * examples**2)
-    if cfg.teacher is not None and cfg.loss.alpha > 0 and cfg.teacher.cache.mode != "off":
+    if cfg.teacher_in_step and cfg.teacher.cache.mode != "off":
         size = table_bytes(len(data.train_y), data.augmentation.num_views, data.num_classes, cfg.teacher.cache.dtype)
         if size <= cfg.teacher.cache.max_gb * 1e9:  # larger: refused by the cache itself (online teacher)
             items["teacher cache"] = size
@@ -61,7 +61,7 @@ def check_teacher_source(cfg: Config, data) -> None:
         if cfg.mutual_information.every_steps:
             raise ConfigError("mutual_information.every_steps: the MI probe needs in-memory data with finite views; "
                               f"{cfg.data.name} is streamed from disk")
-        if cfg.teacher is not None and cfg.loss.alpha > 0 and cfg.teacher.cache.mode != "off":
+        if cfg.teacher_in_step and cfg.teacher.cache.mode != "off":
             raise ConfigError(f"teacher.cache.mode={cfg.teacher.cache.mode}: the exact (sample, view) table needs "
                               f"finite views; {cfg.data.name}'s random resized crops are unbounded: use "
                               "teacher.store.crops=M (stored crops) or the online teacher (mode=off)")

@@ -80,7 +80,7 @@ def open_teacher_source(cfg, data, teachers, ctx, bf16: bool, log, progress: boo
     """The teacher source of this run (see the module docstring). Collective in a
     multi-process run: rank 0 builds (or finds) a store or full table, the others then
     open it."""
-    if teachers is None or cfg.loss.alpha == 0:
+    if teachers is None or not cfg.teacher_in_step:
         return NoTeacher()
     if data.streamed and cfg.teacher.store.crops:
         store = TeacherStore(teachers, data, cfg.teacher.store, Path(cfg.out_dir) / ".teacher-store", log, bf16,
@@ -117,8 +117,10 @@ class LogitDistiller:
     Müller A.5, as :func:`kdlab.losses.distillation_loss_parts` computes them. Its parts are
     ``ce`` (or ``ls`` with smoothing) and ``kd``, weighted so that they sum to the loss."""
 
+    adapters = None  # logit objectives train nothing beside the student
+
     def __init__(self, student: nn.Module, source, loss_cfg, device_type: str, bf16: bool):
-        self.student, self.source = student, source
+        self.student, self.source = student, source  # (the source may be attached later: ``source = ...``)
         self.device_type, self.bf16 = device_type, bf16  # the forward's autocast (losses stay float32)
         self.loss_kwargs = dict(alpha=loss_cfg.alpha, kd=loss_cfg.kd, tau=loss_cfg.tau,
                                 kl_scaling=loss_cfg.kl_scaling, mse_reduction=loss_cfg.mse_reduction,
@@ -143,6 +145,16 @@ class LogitDistiller:
             logits = data.forward(module, x)  # rows: one per sample, or per target token
         loss, parts = distillation_loss_parts(logits, y, self.source(x, index, views), **self.loss_kwargs)
         return loss, logits, parts
+
+    def start_epoch(self, epoch: int) -> None:
+        """An epoch (0-based) begins: methods with a schedule of their own (DKD's warm-up) set it."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps beside the student's (adapters, memory banks): nothing here."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def finish(self, main: bool) -> None:
         """Training ended (or stopped to resume later): a lazy teacher table is saved."""

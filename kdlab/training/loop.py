@@ -187,6 +187,7 @@ class Loop:
         return progress
 
     def _begin_epoch(self, epoch: int, first: int) -> EpochProgress:
+        self.distiller.start_epoch(epoch)
         part_names = self.distiller.part_names
         if first:  # within an epoch: the generator as the epoch began, the sums as they were
             partial = self.checkpoint_state["partial"]
@@ -344,6 +345,8 @@ class Loop:
             atomic_torch_save(state.model.state_dict(), run_dir / "model.pt")
             if state.ema is not None:
                 atomic_torch_save(state.ema.module.state_dict(), run_dir / "model_ema.pt")
+            if self.distiller.adapters is not None:  # beside the student's weights, never inside them
+                atomic_torch_save(self.distiller.adapters.state_dict(), run_dir / "adapters.pt")
             atomic_write_json(run_dir / "result.json", result)
             (run_dir / "checkpoint.pt").unlink(missing_ok=True)
         return result

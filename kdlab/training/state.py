@@ -36,6 +36,7 @@ class RunState:
     generator: torch.Generator
     ema: object | None
     device: torch.device
+    distiller: object = None  # its state beside the student's (adapters, ...), when it has any
 
     def checkpoint(self, epochs_done: int, step_in_epoch: int = 0, epoch_generator=None, partial=None,
                    rank_rng=None) -> dict:
@@ -47,6 +48,9 @@ class RunState:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        extra = self.distiller.state_dict() if self.distiller is not None else {}
+        if extra:
+            state["distiller"] = extra
         if rank_rng is not None:
             state["rank_rng"] = rank_rng
         if step_in_epoch:
@@ -60,6 +64,8 @@ class RunState:
             self.model.load_state_dict(state["model"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
+            if self.distiller is not None and self.distiller.state_dict():
+                self.distiller.load_state_dict(state["distiller"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.generator.set_state(state["generator"])
@@ -79,9 +85,8 @@ class RunState:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
-def build_state(cfg, data, device: torch.device, ctx=SINGLE) -> RunState:
-    """The student (pretrained weights, device, memory layout, SyncBatchNorm under DDP),
-    its optimizer and schedule, the seeded data generator and the EMA."""
+def build_student(cfg, data, device: torch.device, ctx=SINGLE) -> nn.Module:
+    """The student: pretrained weights, device, memory layout, SyncBatchNorm under DDP."""
     model = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
     if cfg.model.pretrained_path:
         load_weights(model, Path(cfg.model.pretrained_path), "model.pretrained_path")
@@ -90,14 +95,22 @@ def build_state(cfg, data, device: torch.device, ctx=SINGLE) -> RunState:
         model = model.to(memory_format=torch.channels_last)
     if ctx.active and cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_state(cfg, model: nn.Module, distiller, device: torch.device) -> RunState:
+    """The optimizer over the student and the distiller's adapters (their own parameter
+    groups), the schedule, the seeded data generator and the student's EMA."""
     opt = cfg.optim
     groups = param_groups(model, opt.weight_decay, opt.decay_bn_bias)
+    if distiller.adapters is not None:
+        groups += param_groups(distiller.adapters, opt.weight_decay, opt.decay_bn_bias)
     if opt.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
     else:
         optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
     return RunState(model, optimizer, scheduler_for(optimizer, opt), torch.Generator().manual_seed(cfg.seed),
-                    make_ema(model, opt.ema_decay) if opt.ema_decay else None, device)
+                    make_ema(model, opt.ema_decay) if opt.ema_decay else None, device, distiller)
 
 
 def rank_rng(ctx, device) -> list | None:

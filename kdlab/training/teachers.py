@@ -24,6 +24,9 @@ class Teachers:
                  device: torch.device = torch.device("cpu")):
         self.models = [load_finished_model(Path(r), data.num_classes, data.input_shape).to(device)
                        for r in teacher_cfg.runs]
+        # each teacher's model name (feature methods find its stage taps by its family)
+        self.names = [read_json(Path(r) / "result.json")["model"] for r in teacher_cfg.runs] + \
+            [spec.model for spec in teacher_cfg.weights]
         self.weight_files = []  # plain weights files: path and SHA-256, for meta.json
         for i, spec in enumerate(teacher_cfg.weights):
             model = load_weights_model(spec.model, Path(spec.path), data.num_classes, data.input_shape,

@@ -1,0 +1,123 @@
+"""The ``distill`` section: which distillation method a student uses beyond the logit
+objective of the ``loss`` section, where it taps the networks, and the method's own
+settings (``distill.options``, checked by the method's model below: an unknown option is
+an error naming the method's options).
+
+The loss of a run is always the ``loss`` section's logit objective — (1 − α)·CE(ỹ) +
+α·KD at τ — plus the method's term(s), each a named part of ``metrics.jsonl``
+(``train_at``, ``train_ofd``, ...). ``method: logit`` (the default) adds nothing and is
+not part of the run hash, so every run dir made before this section keeps its hash.
+Equations, sources and constants: ``docs/methods.md`` and ``kdlab.feature_losses``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Literal, Optional
+
+from pydantic import Field, ValidationError, model_validator
+
+from .sections import _Strict
+
+
+class LogitOptions(_Strict):
+    """The ``loss`` section's objective alone (CE, LS, KL at any τ, MSE)."""
+
+
+class ATOptions(_Strict):
+    """Attention transfer (Zagoruyko & Komodakis 2016): β/2·Σ_j ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖ over the stage outputs."""
+    p: float = Field(2.0, gt=0, description="attention map mean_c |f|^p")
+    beta: float = Field(1000.0, ge=0, description="weight of the attention term")
+    normalization: Literal["paper", "code"] = Field(
+        "paper", description="paper: the L2 distance of the normalised maps; code: the mean squared difference, "
+        "as the authors' public code (see docs/methods.md)")
+
+
+class FitNetsOptions(_Strict):
+    """FitNets (Romero et al. 2014), one stage: CE + β·MSE(regressor(f_s), f_t) at a hint layer."""
+    variant: Literal["one_stage"] = Field(
+        "one_stage", description="one_stage: hint and task trained together, as CRD/mdistiller run FitNets "
+        "(β = 100); the paper's two stages (hint pre-training, then KD) are not built yet")
+    beta: float = Field(100.0, ge=0, description="weight of the hint term")
+
+
+class OFDOptions(_Strict):
+    """A Comprehensive Overhaul of Feature Distillation (Heo et al. 2019a)."""
+    beta: float = Field(1e-3, ge=0, description="weight of the summed partial-L2 term (divided by the batch size): "
+                        "the paper's 1/1000")
+    margin: Literal["exact", "reference"] = Field(
+        "exact", description="the per-channel margin E[x | x < 0], x ~ N(β, γ²): exact, or as the reference code "
+        "(−3|γ| where the probability below 0 is under 0.001)")
+    teacher_bn: Literal["train", "eval"] = Field(
+        "train", description="the teacher's batch norms during distillation: train as in Heo's code (batch "
+                             "statistics; running statistics are not updated by kdlab), or eval")
+
+
+class DKDOptions(_Strict):
+    """Decoupled KD (Zhao et al. 2022): CE + warm-up·(α·TCKD + β·NCKD) at the loss section's τ."""
+    alpha: float = Field(1.0, ge=0, description="weight of the target-class term TCKD")
+    beta: float = Field(8.0, ge=0, description="weight of the non-target term NCKD")
+    warmup_epochs: int = Field(20, ge=0, description="the KD term ramps up linearly over these epochs")
+
+
+class LSKDOptions(_Strict):
+    """Logit-standardised KD (Sun et al. 2024): the loss section's KL on z-scored logits."""
+
+
+METHODS: dict[str, type[_Strict]] = {
+    "logit": LogitOptions, "at": ATOptions, "fitnets": FitNetsOptions, "ofd": OFDOptions, "dkd": DKDOptions,
+    "lskd": LSKDOptions,
+}
+FEATURE_METHODS = ("at", "fitnets", "ofd")  # tap the networks: the teacher runs online, on the same batch
+
+
+class DistillConfig(_Strict):
+    method: str = Field("logit", description="logit (the loss section alone), at, fitnets, ofd (feature "
+                        "methods: tap the student's and teacher's layers; the teacher runs online), dkd, lskd "
+                        "(logit methods); docs/methods.md")
+    options: dict = Field(default_factory=dict, description="the method's own settings (docs/methods.md), e.g. "
+                          "{beta: 1000, p: 2} for at")
+    student_layers: Optional[list[str]] = Field(
+        None, description="feature methods: the student's tap points by module name (NAME, or NAME:in for a "
+        "module's input; `kdlab models --layers MODEL`); default: the stage taps its family declares")
+    teacher_layers: Optional[list[str]] = Field(None, description="the same for the teacher, pairwise with "
+                                                "student_layers")
+
+    @model_validator(mode="after")
+    def _known_method(self):
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, METHODS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown method {self.method!r}{hint}: use one of {', '.join(METHODS)}")
+        _check_options(self.method, self.options)
+        if (self.student_layers is None) != (self.teacher_layers is None) or \
+                (self.student_layers is not None and len(self.student_layers) != len(self.teacher_layers)):
+            raise ValueError("student_layers and teacher_layers go in pairs: give both, of the same length")
+        if self.method not in FEATURE_METHODS and self.student_layers is not None:
+            raise ValueError(f"student_layers/teacher_layers: method {self.method} taps no layers")
+        return self
+
+    def settings(self):
+        """The method's options as its model (defaults filled in)."""
+        return METHODS[self.method](**self.options)
+
+    @property
+    def feature(self) -> bool:
+        return self.method in FEATURE_METHODS
+
+
+def _check_options(method: str, options: dict) -> None:
+    """A one-line ValueError for an unknown or bad option of ``method`` (with a close match)."""
+    model = METHODS[method]
+    try:
+        model(**options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(str(p) for p in first["loc"])
+        known = list(model.model_fields)
+        if first["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            listed = ", ".join(known) if known else "none"
+            raise ValueError(f"method {method} has no option {name!r}{hint}; its options: {listed}") from None
+        raise ValueError(f"options.{name} of method {method}: {first['msg'].removeprefix('Value error, ')}") from None
