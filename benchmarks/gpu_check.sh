@@ -12,7 +12,8 @@
 #      the same teacher again (run-to-run determinism on this GPU) and in fp32 and on the CPU;
 #   3. benchmarks/train_speed.py --device cuda in fp32 and in bf16 (WRN-16-2 / WRN-28-4);
 #   4. a 1-GPU torchrun (NCCL) of the smoke teacher: same weights as the plain run?;
-#   5. benchmarks/translation_speed.py --device cuda, fp32 and bf16, with an online teacher;
+#   5. benchmarks/method_speed.py (every distillation method against logit KD), fp32 and bf16;
+#      benchmarks/translation_speed.py --device cuda, fp32 and bf16, with an online teacher;
 #   6. the test suite with CUDA visible (tests were written on CPU machines): what fails.
 # Writes log.txt, smoke.json, the benchmarks' JSON and pytest.txt under OUT_DIR.
 set -u
@@ -74,6 +75,11 @@ step train_speed_bf16 150 $PY benchmarks/train_speed.py --device "$DEVICE" $SPEE
 
 step torchrun 60 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m kdlab train $KD name=teacher \
     out_dir="$WORK/torchrun" device="$DEVICE"
+
+MS="--device $DEVICE --steps 20"; [ "$SMALL" = 1 ] && MS="--device $DEVICE --steps 1 --rounds 1 --batch-size 16"
+step method_speed_fp32 60 $PY benchmarks/method_speed.py $MS --out "$OUT_DIR/method_speed-$DEVICE.json"
+step method_speed_bf16 60 $PY benchmarks/method_speed.py $MS --bf16 --channels-last \
+    --out "$OUT_DIR/method_speed-$DEVICE-bf16-cl.json"
 
 TR="--device $DEVICE --teacher transformer-base"
 [ "$SMALL" = 1 ] && TR="--device $DEVICE --models transformer-2-64-4 --steps 1"
