@@ -15,7 +15,7 @@
 #   5. benchmarks/method_speed.py (every distillation method against logit KD), fp32 and bf16;
 #      benchmarks/translation_speed.py --device cuda, fp32 and bf16, with an online teacher;
 #   6. the test suite with CUDA visible (tests were written on CPU machines): what fails.
-# Writes log.txt, smoke.json, the benchmarks' JSON and pytest.txt under OUT_DIR.
+# Writes log.txt (the suite's failures included), smoke.json and the benchmarks' JSON under OUT_DIR (8 files).
 set -u
 OUT_DIR=${1:-${OUT:-gpu-check}}
 mkdir -p "$OUT_DIR"
@@ -108,7 +108,7 @@ EOF
 if [ "$SMALL" != 1 ]; then
     # -v: xdist prints each result as it comes, so failures are named even if the deadline cuts the run
     step pytest 300 bash -c "$PY -m pytest -v --maxfail=40 -p no:cacheprovider -n 14 -rf --timeout 120 \
-        -p no:benchmark tests > '$OUT_DIR/pytest.txt' 2>&1"
-    grep -E "FAILED|ERROR|passed|failed" "$OUT_DIR/pytest.txt" | tail -40
+        -p no:benchmark tests > '$WORK/pytest.txt' 2>&1"
+    grep -E "FAILED|ERROR|passed|failed" "$WORK/pytest.txt" | tail -60  # (into log.txt: 8 files come back at most)
 fi
 echo "== done in $((SECONDS - START))s"
