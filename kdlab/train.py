@@ -36,10 +36,10 @@ from .runs import (
     remove_stale_temporaries,
     torch_load,
 )
-from .training.checks import check_memory, check_processes, check_teacher_source
+from .training.checks import check_init_run, check_memory, check_processes, check_teacher_source
 from .training.distill import open_teacher_source
 from .training.loop import Loop
-from .training.methods import build_distiller, check_distiller
+from .training.methods import build_distiller, check_distiller, start_adapters
 from .training.probes import MutualInformationProbe
 from .training.rundir import claim_run_dir, load_checkpoint, remove_created, threads_for_resume, write_meta
 from .training.state import build_state, build_student
@@ -77,6 +77,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         with torch.device("meta"):
             shapes = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
         load_weights(shapes, Path(cfg.model.pretrained_path), "model.pretrained_path", assign=True)
+    if cfg.model.init_run:
+        check_init_run(cfg, data)
     check_teacher_source(cfg, data)
     if teachers is not None:
         check_distiller(cfg, data, teachers)
@@ -156,6 +158,9 @@ def _prepare(cfg, run_dir, device, data, teachers, ctx, log):
         if cfg.model.pretrained_path:
             path = Path(cfg.model.pretrained_path)
             weight_files.insert(0, {"model.pretrained_path": str(path.resolve()), "sha256": file_sha256(path)})
+        if cfg.model.init_run:
+            path = Path(cfg.model.init_run) / "model.pt"
+            weight_files.insert(0, {"model.init_run": str(path.resolve()), "sha256": file_sha256(path)})
         write_meta(run_dir, device, start_epoch, weight_files, **processes)
     log(f"{run_dir}: training on {describe_device(device)}"
         + (f" × {ctx.world} processes ({ctx.backend})" if ctx.active else ""))
@@ -173,6 +178,8 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     bf16 = processes["bf16"]
     student = build_student(cfg, data, device, ctx)
     distiller = build_distiller(cfg, data, student, teachers, device, bf16)  # (its adapters join the optimizer)
+    if cfg.model.init_run:
+        start_adapters(distiller, Path(cfg.model.init_run), log)
     state = build_state(cfg, student, distiller, device)
     if checkpoint is not None:
         state.restore(checkpoint, run_dir / "checkpoint.pt", ctx)
@@ -188,7 +195,7 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
         from torch.nn.parallel import DistributedDataParallel
 
         train_module = DistributedDataParallel(distiller.module, device_ids=[device.index] if device.type == "cuda"
-                                               else None)
+                                               else None, find_unused_parameters=distiller.unused_parameters)
         if checkpoint is None and not ctx.main:  # dropout: each process its own stream (rank 0 keeps the seed's)
             torch.manual_seed((cfg.seed + 1) * 1_000_003 + ctx.rank)
     loop = Loop(cfg, run_dir, data, state, distiller, train_module, teachers, ctx, checkpoint, probe, bf16, processes,

@@ -154,3 +154,39 @@ def test_feature_method_with_adapters_two_processes_equal_one(tmp_path, mlp_teac
         wa, wb = (torch.load(d / name, weights_only=True) for d in (a, b))
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4)
+
+
+def test_fitnets_two_stages_hand_the_student_on(tmp_path, conv_teacher):
+    """The paper's FitNets: a hint stage (hint loss alone, up to the hint layer), then KD
+    from its student (model.init_run)."""
+    import json
+
+    from kdlab.data import load_dataset
+    from kdlab.training.state import build_student
+
+    def hint_run(lr):
+        cfg = _student(tmp_path / f"hint-{lr}", conv_teacher, "fitnets", {"variant": "hint"},
+                       optim={"lr": lr, "grad_clip": 1.0})  # (the paper's hint loss sums over a sample: ~500 here)
+        return Path(train(cfg, **QUIET)["run_dir"])
+
+    hint, other = hint_run(0.005), hint_run(0.01)
+    for m in read_metrics(hint):
+        assert "train_ce" not in m and m["train_loss"] == pytest.approx(m["train_fitnets"])
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (hint, other))
+    # the hint is blocks.1's output (wrn-10-1's middle stage): what comes after it is not trained
+    for key in ("blocks.2.conv1.weight", "fc.weight", "fc.bias"):
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["blocks.0.conv1.weight"], b["blocks.0.conv1.weight"])
+
+    kd = _digits(tmp_path / "kd", name="kd", teacher={"runs": [conv_teacher]}, loss={"alpha": 0.9, "tau": 4.0},
+                 model={"name": "wrn-10-1", "init_run": str(hint)})
+    start = build_student(kd, load_dataset(kd.data), torch.device("cpu")).state_dict()
+    assert all(torch.equal(start[k], a[k]) for k in a)
+    run_dir = Path(train(kd, **QUIET)["run_dir"])
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["weight_files"][0]["model.init_run"] == str((hint / "model.pt").resolve())
+    moved = _digits(tmp_path / "elsewhere", name="kd", teacher={"runs": [conv_teacher]},
+                    loss={"alpha": 0.9, "tau": 4.0}, model={"name": "wrn-10-1", "init_run": f"/x/{hint.name}"})
+    assert moved.run_hash() == kd.run_hash()  # by the run dir's name, not where it lies
+    with pytest.raises(ConfigError, match="set loss.alpha=0"):
+        _student(tmp_path, conv_teacher, "fitnets", {"variant": "hint"}, loss={"alpha": 0.5})

@@ -34,11 +34,14 @@ class ATOptions(_Strict):
 
 
 class FitNetsOptions(_Strict):
-    """FitNets (Romero et al. 2014), one stage: CE + β·MSE(regressor(f_s), f_t) at a hint layer."""
-    variant: Literal["one_stage"] = Field(
-        "one_stage", description="one_stage: hint and task trained together, as CRD/mdistiller run FitNets "
-        "(β = 100); the paper's two stages (hint pre-training, then KD) are not built yet")
-    beta: float = Field(100.0, ge=0, description="weight of the hint term")
+    """FitNets (Romero et al. 2014) at a hint layer: the paper's first stage alone (``hint``:
+    ½‖u − r(v)‖², a convolutional regressor, nothing else trained), or one stage as CRD and
+    mdistiller run it (``one_stage``: CE + 100·MSE(regressor(f_s), f_t))."""
+    variant: Literal["one_stage", "hint"] = Field(
+        "one_stage", description="one_stage: hint and task trained together (CRD/mdistiller); hint: the paper's "
+        "stage 1 — the hint loss alone, then KD in a second run started from it (model.init_run)")
+    beta: Optional[float] = Field(None, ge=0, description="weight of the hint term; default 100 (one_stage), "
+                                  "1 (hint)")
 
 
 class OFDOptions(_Strict):

@@ -76,6 +76,12 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_start(self):
+        if self.model.init_run and self.model.pretrained_path:
+            raise ValueError("model.init_run and model.pretrained_path both set the starting weights: give one")
+        return self
+
+    @model_validator(mode="after")
     def _method_needs(self):
         """What a distillation method needs from the other sections, named before anything runs."""
         method = self.distill.method
@@ -92,6 +98,11 @@ class Config(_Strict):
             if len(self.teacher.runs) + len(self.teacher.weights) != 1:
                 raise ValueError(f"distill.method={method} taps one teacher's layers: give one teacher, not an "
                                  "ensemble")
+        if method == "fitnets" and self.distill.settings().variant == "hint" and (self.loss.alpha or
+                                                                                self.loss.smoothing):
+            raise ValueError("distill.method=fitnets with variant hint trains the hint loss alone (Romero et al.'s "
+                             "first stage): set loss.alpha=0 and loss.smoothing=0, and distil in the next stage "
+                             "(model.init_run)")
         if method == "dkd" and self.loss.alpha:
             raise ValueError("distill.method=dkd replaces the loss section's KD term: set loss.alpha=0 (DKD's "
                              "weights are distill.options alpha and beta)")
@@ -170,6 +181,10 @@ class Config(_Strict):
             payload["bf16"] = False
         if not payload["sync_batchnorm"]:
             del payload["sync_batchnorm"]
+        if payload["model"]["init_run"] is None:  # newer than existing run dirs
+            del payload["model"]["init_run"]
+        else:  # by its run dir's name, which holds its hash (not where it lies)
+            payload["model"]["init_run"] = Path(self.model.init_run).name
         if payload["model"]["pretrained_path"] is None:
             del payload["model"]["pretrained_path"]
         else:  # by file name, as teacher runs (the file's SHA-256 is recorded in meta.json)
@@ -201,6 +216,8 @@ class Config(_Strict):
         data = self.model_dump(mode="python")
         if self.distill == DistillConfig():  # the logit objective alone: config.yaml as before the section
             del data["distill"]
+        if self.model.init_run is None:  # (newer than existing run dirs, as the distill section)
+            del data["model"]["init_run"]
         return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -97,6 +97,10 @@ class ModelConfig(_Strict):
     pretrained_path: Optional[str] = Field(
         None, description="local weights file loaded before training (a timm/torchvision state dict, .pt/.pth or "
         ".safetensors, or a run's model.pt); never a download. Hashed by file name; its SHA-256 goes in meta.json")
+    init_run: Optional[str] = Field(
+        None, description="a finished run dir whose student (model.pt) starts this run, and its adapters "
+        "(adapters.pt) when this run trains the same ones: one stage handing its weights to the next (e.g. "
+        "FitNets' hint stage, then KD). Hashed by the run dir's name (which holds its hash), as teachers")
 
     @field_validator("name")
     @classmethod

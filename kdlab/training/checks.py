@@ -5,6 +5,7 @@ what a torchrun run needs (rows of every batch for every rank; SyncBatchNorm on 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -12,6 +13,7 @@ from ..config import Config
 from ..data import Dataset
 from ..device import memory_limit_bytes
 from ..errors import ConfigError
+from ..runs import read_json
 from ..teacher_cache import table_bytes
 from ..translate import decode_passes_bytes, decoder_size, describe_beam_batch
 
@@ -98,3 +100,14 @@ def check_processes(cfg: Config, data, ctx, device: torch.device) -> None:
     if min(cfg.optim.batch_size, last) < ctx.world:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size}: with {n} training samples the last batch has "
                           f"{last}, fewer than the {ctx.world} processes (each needs rows of every batch)")
+
+
+def check_init_run(cfg: Config, data) -> None:
+    """``model.init_run`` must be a finished run of the same model and classes."""
+    run = Path(cfg.model.init_run)
+    if not (run / "result.json").is_file():
+        raise ConfigError(f"model.init_run: {run} is not a finished run (no result.json): finish it first")
+    info = read_json(run / "result.json")
+    if info.get("model") != cfg.model.name or info.get("num_classes") != data.num_classes:
+        raise ConfigError(f"model.init_run: {run} trained {info.get('model')} with {info.get('num_classes')} classes; "
+                          f"this run trains {cfg.model.name} with {data.num_classes}")

@@ -118,6 +118,7 @@ class LogitDistiller:
     ``ce`` (or ``ls`` with smoothing) and ``kd``, weighted so that they sum to the loss."""
 
     adapters = None  # logit objectives train nothing beside the student
+    unused_parameters = False  # every student parameter gets a gradient each step (DDP's default)
 
     def __init__(self, student: nn.Module, source, loss_cfg, device_type: str, bf16: bool):
         self.student, self.source = student, source  # (the source may be attached later: ``source = ...``)

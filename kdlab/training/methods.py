@@ -21,15 +21,17 @@ train mode if asked, as Heo's code, with their running statistics left untouched
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..device import autocast
 from ..errors import ConfigError, first_line
-from ..feature_losses import at_loss, fitnets_loss, ofd_loss, ofd_margin, stage_weights
+from ..feature_losses import FITNETS_CRD_WEIGHT, at_loss, fitnets_loss, ofd_loss, ofd_margin, stage_weights
 from ..losses import distillation_loss_parts, dkd_loss, dkd_warmup_factor, standardize_logits
 from ..models import build_model
+from ..runs import torch_load
 from ..models.taps import Taps, stage_taps, tap_shapes
 from .distill import LogitDistiller
 
@@ -78,6 +80,7 @@ class FeatureMethod:
     """Which taps a method uses, which adapters it trains, and its term."""
 
     name = ""
+    replaces_loss = False  # a pre-stage (FitNets' hint stage): its term alone, not added to the loss section's
 
     def __init__(self, settings):
         self.settings = settings
@@ -112,8 +115,19 @@ class AT(FeatureMethod):
 
 
 class FitNets(FeatureMethod):
-    """One stage (CRD/mdistiller): the hint is the middle stage's output."""
+    """The hint is the middle stage's output. One stage (CRD/mdistiller): CE + 100·MSE with a
+    conv-BN-ReLU regressor. The paper's hint stage: ½‖u − r(v)‖² alone, with a plain
+    convolutional regressor (it must be able to output the hint's negative values)."""
     name = "fitnets"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.hint_stage = settings.variant == "hint"
+        self.beta = settings.beta if settings.beta is not None else (1.0 if self.hint_stage else FITNETS_CRD_WEIGHT)
+
+    @property
+    def replaces_loss(self) -> bool:
+        return self.hint_stage
 
     def default_specs(self, model_name, model):
         taps = stage_taps(model_name, model)
@@ -121,10 +135,14 @@ class FitNets(FeatureMethod):
 
     def adapters(self, student_shapes, teacher_shapes):
         _same_spatial(student_shapes, teacher_shapes, self.name)
+        if self.hint_stage:
+            return nn.ModuleList(nn.Conv2d(s[0], t[0], 3, 1, 1) if len(s) == 3 else nn.Linear(s[0], t[0])
+                                 for s, t in zip(student_shapes, teacher_shapes))
         return nn.ModuleList(_conv_reg(s[0], t[0], len(s) == 3) for s, t in zip(student_shapes, teacher_shapes))
 
     def term(self, s, t):
-        return self.settings.beta * sum(fitnets_loss(a, b, variant="crd") for a, b in zip(s, t))
+        variant = "paper" if self.hint_stage else "crd"
+        return self.beta * sum(fitnets_loss(a, b, variant=variant) for a, b in zip(s, t))
 
 
 class OFD(FeatureMethod):
@@ -183,13 +201,15 @@ class FeatureDistiller:
         self.adapters = adapters if any(True for _ in adapters.parameters()) else None
         self.teacher, self.teacher_taps = teacher, Taps(teacher, self.teacher_specs)
         self.teacher_bn_train = getattr(settings, "teacher_bn", "eval") == "train"
+        # a pre-stage trains part of the student (FitNets' hint stage: up to the hint layer)
+        self.unused_parameters = self.method.replaces_loss
         self.device_type, self.bf16 = device.type, bf16
         self.logit = LogitDistiller(student, None, cfg.loss, device.type, bf16)  # the loss section's parts
         self.source = None  # (attached by the caller; the teacher runs here, online, for its features)
 
     @property
     def part_names(self):
-        return self.logit.part_names + (self.method.name,)
+        return ((() if self.method.replaces_loss else self.logit.part_names)) + (self.method.name,)
 
     def start_epoch(self, epoch: int) -> None:
         pass
@@ -205,8 +225,10 @@ class FeatureDistiller:
         with autocast(self.bf16, self.device_type):
             logits, student_features = module(x)
         teacher_logits, teacher_features = self._teacher(x)
-        loss, parts = distillation_loss_parts(logits, y, teacher_logits, **self.logit.loss_kwargs)
         term = self.method.term([f.float() for f in student_features], teacher_features)
+        if self.method.replaces_loss:
+            return term, logits, {self.method.name: term}
+        loss, parts = distillation_loss_parts(logits, y, teacher_logits, **self.logit.loss_kwargs)
         parts[self.method.name] = term
         return loss + term, logits, parts
 
@@ -318,3 +340,17 @@ def check_distiller(cfg, data, teachers) -> None:
         except ValueError as err:
             raise ConfigError(f"distill.method={cfg.distill.method}: {first_line(err)}") from None
     distiller.remove()
+
+
+def start_adapters(distiller, run: Path, log) -> None:
+    """An earlier stage's adapters (``adapters.pt``) start this run's when they are the same
+    modules (names and shapes); otherwise this run's start fresh, and a line says so."""
+    path = run / "adapters.pt"
+    if distiller.adapters is None or not path.is_file():
+        return
+    saved, mine = torch_load(path), distiller.adapters.state_dict()
+    if saved.keys() == mine.keys() and all(saved[k].shape == mine[k].shape for k in mine):
+        distiller.adapters.load_state_dict(saved)
+        log(f"adapters start from {path}")
+    else:
+        log(f"{path} holds other adapters than this method's: this run's adapters start fresh")

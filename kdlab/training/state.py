@@ -90,6 +90,8 @@ def build_student(cfg, data, device: torch.device, ctx=SINGLE) -> nn.Module:
     model = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
     if cfg.model.pretrained_path:
         load_weights(model, Path(cfg.model.pretrained_path), "model.pretrained_path")
+    if cfg.model.init_run:  # an earlier stage's student
+        load_weights(model, Path(cfg.model.init_run) / "model.pt", "model.init_run")
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
