@@ -79,6 +79,9 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         load_weights(shapes, Path(cfg.model.pretrained_path), "model.pretrained_path", assign=True)
     if cfg.model.init_run:
         check_init_run(cfg, data)
+        with torch.device("meta"):
+            shapes = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape)
+        load_weights(shapes, Path(cfg.model.init_run) / "model.pt", "model.init_run", assign=True)
     check_teacher_source(cfg, data)
     if teachers is not None:
         check_distiller(cfg, data, teachers)

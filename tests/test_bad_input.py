@@ -561,6 +561,8 @@ CASES = [
     Case("init-run-unfinished", T("model.init_run={unfinished}"), ("model.init_run", "not a finished run")),
     Case("init-run-other-model", T("model.init_run={finished}", "model.name=mlp-32"),
          ("model.init_run", "trained mlp-16", "mlp-32")),
+    Case("init-run-other-input-shape", T("model.init_run={finished}", "data.name=mnist1d", "data.num_samples=500"),
+         ("model.init_run",)),
     Case("init-run-and-pretrained-path", T("model.init_run={finished}", "model.pretrained_path={finished}/model.pt"),
          ("give one",)),
     Case("fitnets-hint-with-kd-term", T("distill.method=fitnets", "distill.options.variant=hint", *TEACHER),

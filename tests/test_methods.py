@@ -117,6 +117,11 @@ def test_method_config_is_checked_before_anything_runs(tmp_path):
         ({"distill": {"method": "at"}, "teacher": {**teacher, "cache": {"mode": "lazy"}}}, "runs its teacher online"),
         ({"distill": {"method": "dkd"}, "loss": {"alpha": 0.5}, "teacher": teacher}, "set loss.alpha=0"),
         ({"distill": {"method": "at", "student_layers": ["a"]}, "teacher": teacher}, "in pairs"),
+        ({"distill": {"method": "at", "student_layers": [], "teacher_layers": []}, "teacher": teacher},
+         "at least one layer"),
+        ({"distill": {"method": "dkd"}, "loss": {"tau": float("inf")}, "teacher": teacher}, "finite loss.tau"),
+        ({"distill": {"method": "lskd"}, "loss": {"alpha": 0.9, "tau": 2.0},
+          "teacher": {**teacher, "store": {"crops": 4, "top_k": 5}}}, "top-k store"),
     ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -128,6 +133,13 @@ def test_method_config_is_checked_before_anything_runs(tmp_path):
                                           "teacher": teacher}).run_hash()
     assert at.run_hash() != build_config({"distill": {"method": "at", "options": {"beta": 10}},
                                           "teacher": teacher}).run_hash()
+    for variant, beta in (("one_stage", 100.0), ("hint", 1.0)):  # a default resolved before hashing
+        loss = {"alpha": 0.0}
+        default = build_config({"distill": {"method": "fitnets", "options": {"variant": variant}}, "teacher": teacher,
+                                "loss": loss})
+        given = build_config({"distill": {"method": "fitnets", "options": {"variant": variant, "beta": beta}},
+                              "teacher": teacher, "loss": loss})
+        assert default.run_hash() == given.run_hash()
 
 
 def test_feature_method_with_adapters_two_processes_equal_one(tmp_path, mlp_teacher):

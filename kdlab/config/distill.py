@@ -43,6 +43,12 @@ class FitNetsOptions(_Strict):
     beta: Optional[float] = Field(None, ge=0, description="weight of the hint term; default 100 (one_stage), "
                                   "1 (hint)")
 
+    @model_validator(mode="after")
+    def _default_beta(self):  # resolved here, so that the default and the same value given hash alike
+        if self.beta is None:
+            self.beta = 1.0 if self.variant == "hint" else 100.0
+        return self
+
 
 class OFDOptions(_Strict):
     """A Comprehensive Overhaul of Feature Distillation (Heo et al. 2019a)."""
@@ -60,7 +66,7 @@ class DKDOptions(_Strict):
     """Decoupled KD (Zhao et al. 2022): CE + warm-up·(α·TCKD + β·NCKD) at the loss section's τ."""
     alpha: float = Field(1.0, ge=0, description="weight of the target-class term TCKD")
     beta: float = Field(8.0, ge=0, description="weight of the non-target term NCKD")
-    warmup_epochs: int = Field(20, ge=0, description="the KD term ramps up linearly over these epochs")
+    warmup_epochs: int = Field(20, ge=0, description="the KD term ramps up linearly over these epochs (0: none)")
 
 
 class LSKDOptions(_Strict):
@@ -96,6 +102,9 @@ class DistillConfig(_Strict):
         if (self.student_layers is None) != (self.teacher_layers is None) or \
                 (self.student_layers is not None and len(self.student_layers) != len(self.teacher_layers)):
             raise ValueError("student_layers and teacher_layers go in pairs: give both, of the same length")
+        if self.student_layers == []:
+            raise ValueError("student_layers/teacher_layers: name at least one layer each, or leave them out "
+                             "(the family's stage taps)")
         if self.method not in FEATURE_METHODS and self.student_layers is not None:
             raise ValueError(f"student_layers/teacher_layers: method {self.method} taps no layers")
         return self

@@ -106,6 +106,11 @@ class Config(_Strict):
         if method == "dkd" and self.loss.alpha:
             raise ValueError("distill.method=dkd replaces the loss section's KD term: set loss.alpha=0 (DKD's "
                              "weights are distill.options alpha and beta)")
+        if method == "dkd" and math.isinf(self.loss.tau):
+            raise ValueError("distill.method=dkd needs a finite loss.tau (DKD's temperature)")
+        if method == "lskd" and self.teacher.store.top_k is not None:
+            raise ValueError("distill.method=lskd z-scores the teacher's logits, which a top-k store does not keep "
+                             "(its tail is flattened): drop teacher.store.top_k")
         if method == "lskd" and (self.loss.alpha == 0 or self.loss.kd != "kl" or math.isinf(self.loss.tau)):
             raise ValueError("distill.method=lskd standardises the logits of the loss section's KL term: it needs "
                              "loss.alpha > 0, loss.kd=kl and a finite loss.tau")

@@ -124,7 +124,7 @@ class Loop:
             closers.append(self.writer)
         self.every_steps, self.every_s = _checkpoint_cadence(cfg, data)
         self.last_saved = time.monotonic()
-        self.params = list(state.model.parameters())
+        self.params = list(distiller.module.parameters())  # (clipped together: the student and its adapters)
         self.can_skip = data.streamed and cfg.data.on_bad_image == "skip"  # batches may lose unreadable images
         done = [m for m in previous if "train_loss" in m and m["epoch"] <= self.start_epoch]
         self.train_time = sum(m["epoch_time_s"] for m in done)

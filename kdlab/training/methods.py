@@ -159,8 +159,11 @@ class OFD(FeatureMethod):
     def prepare(self, teacher, teacher_name, teacher_specs, defaulted):
         """The margins: from the batch norm before each tapped ReLU — the family's declared
         one, or (layers given) the tapped module itself, which must then be that batch norm."""
+        if not defaulted and any(spec.endswith(":in") for spec in teacher_specs):
+            raise ValueError("OFD's margins come from the batch norm whose output is tapped: name batch norms in "
+                             "distill.teacher_layers, not a module's input (NAME:in)")
         names = [tap.bn for tap in stage_taps(teacher_name, teacher, require=("pre_relu", "bn"))] if defaulted else \
-            [spec.split(":")[0] for spec in teacher_specs]
+            list(teacher_specs)
         self.margins = []
         for name in names:
             bn = teacher.get_submodule(name)
@@ -279,8 +282,9 @@ class DKDDistiller(LogitDistiller):
     def part_names(self):
         return super().part_names + ("dkd",)
 
-    def start_epoch(self, epoch: int) -> None:
-        self.factor = dkd_warmup_factor(epoch + 1, self.settings.warmup_epochs)
+    def start_epoch(self, epoch: int) -> None:  # (epochs counted from 1, as mdistiller's)
+        warmup = self.settings.warmup_epochs
+        self.factor = dkd_warmup_factor(epoch + 1, warmup) if warmup else 1.0
 
     def __call__(self, data, module, x, y, index, views):
         with autocast(self.bf16, self.device_type):
