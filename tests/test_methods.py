@@ -96,6 +96,12 @@ def test_adapters_receive_gradients_and_taps_leave_the_student_alone(tmp_path, c
     grads = [p.grad for p in distiller.adapters.parameters()]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert set(parts) == {"ce", method} and loss.item() == pytest.approx(sum(v.item() for v in parts.values()))
+    # outside the distiller's forward (evaluation) the taps are off: nothing is copied or kept
+    with torch.no_grad():
+        student(x)
+    for taps in (distiller.module.taps, distiller.teacher_taps):
+        with pytest.raises(ValueError, match="did not run|has not run"):
+            taps.features
 
 
 @pytest.mark.parametrize("method, loss, part", [

@@ -74,7 +74,9 @@ def parse_spec(model: nn.Module, spec: str) -> tuple[nn.Module, bool]:
 
 class Taps:
     """Forward hooks on the modules named by ``specs``; ``features`` holds the last forward's
-    tensors. Use as a context manager, or call ``remove()``."""
+    tensors. Use as a context manager, or call ``remove()``. ``active`` (default True) turns
+    the hooks on and off without removing them: a distiller keeps its taps off outside its
+    own forwards (``capturing()``), so evaluation copies nothing."""
 
     def __init__(self, model: nn.Module, specs: Sequence[str]):
         model = unwrap(model)
@@ -84,6 +86,7 @@ class Taps:
         self._calls = [0] * len(self.specs)
         self._problems: list[str | None] = [None] * len(self.specs)
         self._forwards = 0
+        self.active = True
         self._handles = [model.register_forward_pre_hook(self._new_forward, prepend=True)]
         for i, (module, is_input) in enumerate(targets):
             if is_input:
@@ -92,14 +95,26 @@ class Taps:
                 self._handles.append(module.register_forward_hook(partial(self._take_output, i)))
 
     def _new_forward(self, module, args) -> None:
-        self.clear()
-        self._forwards += 1
+        if self.active:
+            self.clear()
+            self._forwards += 1
 
     def _take_input(self, i, module, args) -> None:
-        self._keep(i, args[0] if args else None, "its first input")
+        if self.active:
+            self._keep(i, args[0] if args else None, "its first input")
 
     def _take_output(self, i, module, args, output) -> None:
-        self._keep(i, output, "its output")
+        if self.active:
+            self._keep(i, output, "its output")
+
+    @contextmanager
+    def capturing(self):
+        """The hooks on for the forwards inside the block (off again after it)."""
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
 
     def _keep(self, i: int, value, what: str) -> None:
         self._calls[i] += 1

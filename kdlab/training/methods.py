@@ -43,10 +43,13 @@ class DistillModule(nn.Module):
         super().__init__()
         self.student, self.adapters = student, adapters
         self.taps = Taps(student, specs)
+        self.taps.active = False  # on only in this forward: evaluation of the student copies nothing
 
     def forward(self, x):
-        logits = self.student(x)
+        with self.taps.capturing():
+            logits = self.student(x)
         features = self.taps.features
+        self.taps.clear()  # (the adapted features below hold what the loss needs)
         return logits, [adapter(f) for adapter, f in zip(self.adapters, features)]
 
 
@@ -203,6 +206,7 @@ class FeatureDistiller:
         # what trains beside the student (None: the method has no parameters of its own)
         self.adapters = adapters if any(True for _ in adapters.parameters()) else None
         self.teacher, self.teacher_taps = teacher, Taps(teacher, self.teacher_specs)
+        self.teacher_taps.active = False  # on only in the distiller's teacher forward (not its evaluation)
         self.teacher_bn_train = getattr(settings, "teacher_bn", "eval") == "train"
         # a pre-stage trains part of the student (FitNets' hint stage: up to the hint layer)
         self.unused_parameters = self.method.replaces_loss
@@ -220,9 +224,11 @@ class FeatureDistiller:
     @torch.no_grad()
     def _teacher(self, x):
         with _bn_train_frozen(self.teacher) if self.teacher_bn_train else contextlib.nullcontext():
-            with autocast(self.bf16, self.device_type):
+            with autocast(self.bf16, self.device_type), self.teacher_taps.capturing():
                 logits = self.teacher(x)
-        return logits.float(), [f.float() for f in self.teacher_taps.features]
+        features = [f.float() for f in self.teacher_taps.features]
+        self.teacher_taps.clear()
+        return logits.float(), features
 
     def __call__(self, data, module, x, y, index, views):
         with autocast(self.bf16, self.device_type):
