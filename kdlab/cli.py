@@ -298,10 +298,13 @@ def _error(message: str, code: int) -> int:
     if error_file and _torchrun() is not None:
         import json
         import time
+        from pathlib import Path
 
-        try:
-            with open(error_file, "w") as handle:
-                json.dump({"message": line, "timestamp": int(time.time())}, handle)
+        from .files import atomic_write_text
+
+        try:  # whole or not at all: torchrun may stop this process (SIGTERM) while it writes, and then
+            # reads the file for its report (a half-written one made that report a JSONDecodeError)
+            atomic_write_text(Path(error_file), json.dumps({"message": line, "timestamp": int(time.time())}))
         except OSError:
             pass
     return code
