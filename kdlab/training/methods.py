@@ -216,7 +216,7 @@ class FeatureDistiller:
 
     @property
     def part_names(self):
-        return ((() if self.method.replaces_loss else self.logit.part_names)) + (self.method.name,)
+        return (() if self.method.replaces_loss else self.logit.part_names) + (self.method.name,)
 
     def start_epoch(self, epoch: int) -> None:
         pass
