@@ -54,6 +54,8 @@ class Stage(_Strict):
     axes: dict[str, list[AxisValue]] = Field(default_factory=dict)
     seeds: Optional[list[int]] = None
     teachers: list[str] = Field(default_factory=list, description="earlier stages whose runs teach this one")
+    init_from: Optional[str] = Field(None, description="an earlier stage whose matching run starts this one's runs "
+                                     "(model.init_run: its student weights, and its adapters when the same)")
     ensemble: bool = False
     analyze: bool = Field(False, description="run `kdlab analyze` on this stage's runs for the report")
     projections: Optional[list[list[Union[int, str]]]] = Field(
@@ -133,6 +135,7 @@ class RunSpec:
     seed: int
     config: Config
     teacher_of: list["RunSpec"] = field(default_factory=list)
+    starts_from: Optional["RunSpec"] = None  # the earlier stage's run whose weights start this one (init_from)
     analyze: bool = False
     projections: Optional[list] = None
 
@@ -214,6 +217,9 @@ def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",
         for ref in stage.teachers:
             if ref not in by_stage:
                 raise ConfigError(f"recipe {recipe.id}: stage {stage.name!r} takes teachers from unknown or later stage {ref!r}")
+        if stage.init_from is not None and stage.init_from not in by_stage:
+            raise ConfigError(f"recipe {recipe.id}: stage {stage.name!r} starts from unknown or later stage "
+                              f"{stage.init_from!r} (init_from names an earlier stage)")
         axis_names = list(stage.axes)
         combos = itertools.product(*(stage.axes[a] for a in axis_names)) if axis_names else [()]
         stage_runs = []
@@ -236,17 +242,34 @@ def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",
                     teachers += matches
                 if teachers:  # the stage's own teacher settings (cache, store) stay
                     data["teacher"] = {**(data.get("teacher") or {}), "runs": [str(t.run_dir) for t in teachers]}
+                start = _start_run(recipe.id, stage, by_stage, labels, seed)
+                if start is not None:
+                    data["model"] = {**(data.get("model") or {}), "init_run": str(start.run_dir)}
                 data = apply_overrides(data, [s for s in settings
                                               if teachers or data.get("teacher") or not s.startswith("teacher.")])
                 try:
                     config = build_config(data)
                 except ConfigError as err:
                     raise ConfigError(f"recipe {recipe.id}, stage {stage.name}, {labels}: {err}") from None
-                stage_runs.append(RunSpec(stage.name, labels, seed, config, teachers, stage.analyze,
+                stage_runs.append(RunSpec(stage.name, labels, seed, config, teachers, start, stage.analyze,
                                           stage.projections))
         by_stage[stage.name] = stage_runs
         runs += stage_runs
     return runs
+
+
+def _start_run(recipe_id: str, stage: Stage, by_stage: dict, labels: dict, seed: int) -> Optional[RunSpec]:
+    """The one run of ``stage.init_from`` that starts a run of ``stage`` (matched as teachers are)."""
+    if stage.init_from is None:
+        return None
+    earlier = by_stage[stage.init_from]
+    seeds = len({r.seed for r in earlier})
+    matches = [r for r in earlier if _matches(r, labels, seed, seeds, False)]
+    if len(matches) != 1:
+        found = "no run" if not matches else f"{len(matches)} runs"
+        raise ConfigError(f"recipe {recipe_id}: {found} of stage {stage.init_from!r} match {labels} seed {seed} "
+                          f"(stage {stage.name!r} starts from exactly one: give the stages a common axis)")
+    return matches[0]
 
 
 def _yaml_scalar(value) -> str:

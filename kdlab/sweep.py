@@ -196,10 +196,13 @@ def _submit_stage(stage_runs: list, status: dict, submit, bar, log) -> dict:
         if (run.run_dir / "result.json").is_file():
             status[key] = "done"
             continue
-        failed = [t for t in run.teacher_of if status.get(str(t.run_dir), "done") != "done"]
+        needed = [("teacher", t) for t in run.teacher_of] + ([("start", run.starts_from)] if run.starts_from else [])
+        failed = [(role, t) for role, t in needed if status.get(str(t.run_dir), "done") != "done"]
         if failed:
             status[key] = "skipped"
-            log(f"skip {run.describe()}: teacher {failed[0].describe()} did not finish")
+            role, earlier = failed[0]
+            log(f"skip {run.describe()}: {'teacher' if role == 'teacher' else 'the run it starts from'} "
+                f"{earlier.describe()} did not finish")
             bar.update(1)
             continue
         holder = RunLock.busy(run.run_dir)

@@ -44,7 +44,8 @@ def _student(out, teacher, method, options=None, **extra):
 
 
 @pytest.mark.parametrize("method, options, adapters", [
-    ("at", {}, False), ("fitnets", {}, True), ("ofd", {}, True), ("ofd", {"teacher_bn": "eval"}, True)])
+    ("at", {}, False), ("fitnets", {}, True), ("ofd", {}, True), ("ofd", {"teacher_bn": "eval"}, True),
+    ("crd", {"nce_k": 64}, True)])
 def test_feature_methods_train_log_their_part_and_keep_adapters_apart(tmp_path, conv_teacher, method, options,
                                                                       adapters):
     result = train(_student(tmp_path, conv_teacher, method, options), **QUIET)
@@ -58,11 +59,16 @@ def test_feature_methods_train_log_their_part_and_keep_adapters_apart(tmp_path, 
     assert (run_dir / "adapters.pt").exists() == adapters
 
 
-def test_feature_method_resumes_exactly_with_its_adapters(tmp_path, conv_teacher):
-    whole = Path(train(_student(tmp_path / "whole", conv_teacher, "ofd", optim={"epochs": 3}), **QUIET)["run_dir"])
-    cut_cfg = _student(tmp_path / "cut", conv_teacher, "ofd", optim={"epochs": 3})
+@pytest.mark.parametrize("method, options", [("ofd", {}), ("crd", {"nce_k": 64})])
+def test_feature_method_resumes_exactly_with_its_adapters(tmp_path, conv_teacher, method, options):
+    """Killed after an epoch and resumed: the same metrics and weights, bit for bit — OFD's
+    adapters, and CRD's memory banks, normalisers and negative sampler with them."""
+    whole = Path(train(_student(tmp_path / "whole", conv_teacher, method, options, optim={"epochs": 3}),
+                       **QUIET)["run_dir"])
+    cut_cfg = _student(tmp_path / "cut", conv_teacher, method, options, optim={"epochs": 3})
     assert train(cut_cfg, stop_after_epoch=1, **QUIET) is None
-    assert "distiller" in torch.load(cut_cfg.run_dir() / "checkpoint.pt", weights_only=True)
+    saved = torch.load(cut_cfg.run_dir() / "checkpoint.pt", weights_only=True)["distiller"]
+    assert "adapters" in saved and (method != "crd" or set(saved["method"]) == {"bank", "z", "generator"})
     cut = Path(train(cut_cfg, **QUIET)["run_dir"])
     strip = lambda run: [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in read_metrics(run)]  # noqa: E731
     assert strip(cut) == strip(whole)
@@ -71,7 +77,7 @@ def test_feature_method_resumes_exactly_with_its_adapters(tmp_path, conv_teacher
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@pytest.mark.parametrize("method", ["fitnets", "ofd"])
+@pytest.mark.parametrize("method", ["fitnets", "ofd", "crd"])
 def test_adapters_receive_gradients_and_taps_leave_the_student_alone(tmp_path, conv_teacher, method):
     from kdlab.data import load_dataset
     from kdlab.training.methods import build_distiller
@@ -87,7 +93,7 @@ def test_adapters_receive_gradients_and_taps_leave_the_student_alone(tmp_path, c
     teacher_before = {k: v.clone() for k, v in teachers.models[0].state_dict().items()}
     x, y = data.prepare(data.train_x[:32]), data.train_y[:32]
     plain = student(x)  # the student alone, hooks or not: the same logits
-    loss, logits, parts = distiller(data, distiller.module, x, y, None, None)
+    loss, logits, parts = distiller(data, distiller.module, x, y, torch.arange(32), None)
     assert torch.equal(plain, logits)
     # the teacher is frozen: weights and BN running statistics as they were (OFD runs its BNs in train mode)
     teacher_after = teachers.models[0].state_dict()
@@ -105,7 +111,8 @@ def test_adapters_receive_gradients_and_taps_leave_the_student_alone(tmp_path, c
 
 
 @pytest.mark.parametrize("method, loss, part", [
-    ("dkd", {"alpha": 0.0, "tau": 4.0}, "dkd"), ("lskd", {"alpha": 0.9, "tau": 2.0}, "kd")])
+    ("dkd", {"alpha": 0.0, "tau": 4.0}, "dkd"), ("lskd", {"alpha": 0.9, "tau": 2.0}, "kd"),
+    ("jacobian", {"alpha": 0.0}, "jacobian")])
 def test_logit_methods(tmp_path, conv_teacher, method, loss, part):
     cfg = _student(tmp_path, conv_teacher, method, loss=loss)
     metrics = read_metrics(Path(train(cfg, **QUIET)["run_dir"]))
@@ -208,3 +215,93 @@ def test_fitnets_two_stages_hand_the_student_on(tmp_path, conv_teacher):
     assert moved.run_hash() == kd.run_hash()  # by the run dir's name, not where it lies
     with pytest.raises(ConfigError, match="set loss.alpha=0"):
         _student(tmp_path, conv_teacher, "fitnets", {"variant": "hint"}, loss={"alpha": 0.5})
+
+
+def test_jacobian_trains_through_the_input_gradient(tmp_path, conv_teacher):
+    """Double backprop: the Jacobian term alone gives the student's weights a gradient, and
+    it equals 2 − 2·cos(g_S, g_T) per sample with g = ∇_x z_y computed independently."""
+    import torch.nn.functional as F
+
+    from kdlab.data import load_dataset
+    from kdlab.training.methods import build_distiller
+    from kdlab.training.state import build_student
+    from kdlab.training.teachers import Teachers
+
+    cfg = _student(tmp_path, conv_teacher, "jacobian", {"beta": 1.0})
+    data = load_dataset(cfg.data)
+    cpu = torch.device("cpu")
+    student = build_student(cfg, data, cpu).eval()  # eval: per-sample gradients, comparable one by one
+    teachers = Teachers(cfg.teacher, data)
+    distiller = build_distiller(cfg, data, student, teachers, cpu, False)
+    x, y = data.prepare(data.train_x[:16]), data.train_y[:16]
+    _, _, parts = distiller(data, student, x, y, torch.arange(16), None)
+
+    def input_grad(net, i):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        return torch.autograd.grad(net(xi)[0, y[i]], xi)[0].flatten()
+
+    expected = torch.stack([2 - 2 * F.cosine_similarity(input_grad(student, i), input_grad(teachers.models[0], i),
+                                                        dim=0) for i in range(16)]).mean()
+    assert parts["jacobian"].item() == pytest.approx(expected.item(), rel=1e-4)
+    parts["jacobian"].backward()
+    assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
+
+
+def _initial_student(cfg) -> dict:
+    """The student's weights as the run initialises them (seed, then data and teacher, then the student)."""
+    from kdlab.data import load_dataset
+    from kdlab.training.state import build_student
+    from kdlab.training.teachers import Teachers
+
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data)
+    Teachers(cfg.teacher, data)
+    return build_student(cfg, data, torch.device("cpu")).state_dict()
+
+
+def test_ab_initialisation_stage_then_kd(tmp_path, conv_teacher):
+    """AB: the activation-boundary loss alone trains the student up to its last pre-ReLU tap
+    (the classifier gets no gradient), then KD starts from it; connectors are not handed on."""
+    cfg = _student(tmp_path, conv_teacher, "ab")
+    init = _initial_student(cfg)
+    ab = Path(train(cfg, **QUIET)["run_dir"])
+    for m in read_metrics(ab):
+        assert set(k for k in m if k.startswith("train_") and k != "train_acc") == {"train_loss", "train_ab"}
+    trained = torch.load(ab / "model.pt", weights_only=True)
+    assert torch.equal(trained["fc.weight"], init["fc.weight"])  # after the last tap: untouched
+    assert not torch.equal(trained["conv1.weight"], init["conv1.weight"])
+    kd = _digits(tmp_path / "kd", name="kd", teacher={"runs": [conv_teacher]}, loss={"alpha": 1.0},
+                 model={"name": "wrn-10-1", "init_run": str(ab)})
+    assert "train_kd" in read_metrics(Path(train(kd, **QUIET)["run_dir"]))[0]
+    with pytest.raises(ConfigError, match="initialisation stage.*set loss.alpha=0"):
+        _student(tmp_path, conv_teacher, "ab", loss={"alpha": 0.5})
+
+
+def test_ft_paraphraser_stage_then_translator_stage(tmp_path, conv_teacher):
+    """FT: the paraphraser stage trains the paraphraser alone (the student stays as it was
+    initialised); the translator stage needs it (model.init_run), keeps it frozen and trains
+    the student with CE + the factor loss."""
+    para_cfg = _student(tmp_path, conv_teacher, "ft", {"stage": "paraphraser"})
+    init = _initial_student(para_cfg)
+    para = Path(train(para_cfg, **QUIET)["run_dir"])
+    untouched = torch.load(para / "model.pt", weights_only=True)
+    assert all(torch.equal(untouched[k], init[k]) for k in init)  # weights and BN statistics alike
+    metrics = read_metrics(para)
+    assert metrics[-1]["train_ft"] < metrics[0]["train_ft"] and "train_ce" not in metrics[0]
+    paraphraser = torch.load(para / "adapters.pt", weights_only=True)
+    assert any(k.startswith("teacher.0.encoder") for k in paraphraser)
+
+    student = _student(tmp_path, conv_teacher, "ft", model={"name": "wrn-10-1", "init_run": str(para)})
+    run = Path(train(student, **QUIET)["run_dir"])
+    after = torch.load(run / "adapters.pt", weights_only=True)
+    teacher_side = [k for k in paraphraser if k.startswith("teacher.")]
+    assert all(torch.equal(after[k], paraphraser[k]) for k in teacher_side)  # frozen: BN statistics too
+    assert not all(torch.equal(after[k], paraphraser[k]) for k in after if k.startswith("student."))
+    assert all(m["train_ft"] > 0 and m["train_ce"] > 0 for m in read_metrics(run))
+    with pytest.raises(ConfigError, match="set model.init_run to the run of its paraphraser stage"):
+        _student(tmp_path, conv_teacher, "ft")
+    plain = train(_digits(tmp_path / "ce", name="ce", optim={"epochs": 1}), **QUIET)["run_dir"]
+    wrong = _student(tmp_path, conv_teacher, "ft", model={"name": "wrn-10-1", "init_run": plain})
+    with pytest.raises(ConfigError, match="no adapters.pt"):
+        train(wrong, **QUIET)
+    assert not wrong.run_dir().exists()

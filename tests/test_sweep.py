@@ -191,3 +191,49 @@ def test_settings_apply_to_every_run_and_reach_the_report(tiny_recipe, tmp_path)
     md = (out / "report.md").read_text()
     assert "Runs: 5/5 finished" in md and "settings for every run: optim.epochs=1 eval_every=1" in md
     assert main(["sweep", str(tiny_recipe), "--out", str(out), "--threads", "0"]) == 2
+
+
+def test_stages_hand_their_student_on_and_resume_stage_by_stage(tmp_path):
+    """``init_from``: each run of a stage starts from the matching run of an earlier stage
+    (model.init_run, as FitNets' hint → KD); a re-run trains only what did not finish, and a
+    stage whose start failed is skipped."""
+    chain = {
+        "id": "chain", "title": "Two-stage chain", "source": "tests",
+        "scales": {"quick": {"seeds": [0, 1],
+                             "base": {"data": {"name": "digits", "val_size": 200, "augment": "none"},
+                                      "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05}},
+                             "stages": [
+                                 {"name": "teacher", "seeds": [0], "config": {"model": {"name": "mlp-64-64"}}},
+                                 {"name": "hint", "teachers": ["teacher"],
+                                  "config": {"model": {"name": "mlp-16-16"},
+                                             "distill": {"method": "fitnets", "options": {"variant": "hint"}}}},
+                                 {"name": "kd", "teachers": ["teacher"], "init_from": "hint",
+                                  "config": {"model": {"name": "mlp-16-16"}, "loss": {"alpha": 1.0}}}]}}}
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(chain, allow_unicode=True))
+    recipe, out = load_recipe(path), tmp_path / "sweep"
+    runs = expand(recipe, "quick", out)
+    hints = {r.seed: r for r in runs if r.stage == "hint"}
+    for run in (r for r in runs if r.stage == "kd"):
+        assert run.starts_from is hints[run.seed] and run.config.model.init_run == str(hints[run.seed].run_dir)
+    assert all(r["status"] == "done" for r in run_sweep(recipe, "quick", out, progress=False, log=_quiet)["runs"])
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    kd = next(r for r in runs if r.stage == "kd" and r.seed == 1)
+    (kd.run_dir / "result.json").unlink()
+    run_sweep(recipe, "quick", out, progress=False, log=_quiet)  # the kd stage alone trains again
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json") if p.parent != kd.run_dir} == \
+        {p: t for p, t in mtimes.items() if p.parent != kd.run_dir}
+    assert (kd.run_dir / "result.json").is_file()
+    # a start that fails: its later stage is skipped, and says why
+    shutil.rmtree(out)
+    hints[0].run_dir.mkdir(parents=True)
+    (hints[0].run_dir / "checkpoint.pt").write_bytes(b"corrupt")
+    lines = []
+    manifest = run_sweep(recipe, "quick", out, progress=False, log=lines.append)
+    status = {(r["stage"], r["seed"]): r["status"] for r in manifest["runs"]}
+    assert status[("hint", 0)] == "failed" and status[("kd", 0)] == "skipped" and status[("kd", 1)] == "done"
+    assert any("the run it starts from" in line for line in lines)
+    chain["scales"]["quick"]["stages"][2]["init_from"] = "nope"
+    path.write_text(yaml.safe_dump(chain, allow_unicode=True))
+    with pytest.raises(ConfigError, match="starts from unknown or later stage 'nope'"):
+        expand(load_recipe(path), "quick", out)

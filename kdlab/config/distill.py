@@ -62,6 +62,48 @@ class OFDOptions(_Strict):
                              "statistics; running statistics are not updated by kdlab), or eval")
 
 
+class ABOptions(_Strict):
+    """Activation boundaries (Heo et al. 2019b): the initialisation stage — the AB loss alone on
+    pre-ReLU features through conv 1×1 + BN connectors; CE/KD follows in the next run (model.init_run)."""
+    margin: float = Field(1.0, gt=0, description="μ: how far past the teacher's boundary a response must be")
+    beta: float = Field(3e-3, ge=0, description="weight of the stage-weighted sum (the reference's 3/1000)")
+
+
+class FTOptions(_Strict):
+    """Factor transfer (Kim, Park & Kwak 2018) on the last group's output: a paraphraser stage
+    (the teacher's feature reconstructed through a factor; only the paraphraser trains), then
+    a translator stage (CE + β·‖F_T/‖F_T‖ − F_S/‖F_S‖‖₁) started from it with model.init_run."""
+    stage: Literal["translator", "paraphraser"] = Field(
+        "translator", description="paraphraser: train the paraphraser alone (the student is untouched); "
+        "translator: distil, the paraphraser frozen (needs model.init_run = the paraphraser run)")
+    rate: float = Field(0.5, gt=0, description="paraphrase rate k: factor channels = k · teacher channels")
+    beta: float = Field(500.0, ge=0, description="weight of the factor loss (the reference's 500 on its L1 mean)")
+    reduction: Literal["code", "paper"] = Field(
+        "code", description="code: mean |F_T − F_S| over all elements (the reference's nn.L1Loss, with β = 500); "
+        "paper: the L1 norm per sample (then scale beta down by the factor's size)")
+    reconstruction: Literal["l1", "l2"] = Field("l1", description="the paraphraser's loss: L1 (the reference) or L2 "
+                                                "(RepDistiller)")
+
+
+class JacobianOptions(_Strict):
+    """Jacobian matching (Srinivas & Fleuret 2018): CE(+KD) + β·mean_b ‖ĝ_S − ĝ_T‖², g = ∇_x z_c."""
+    beta: float = Field(1.0, ge=0, description="weight of the Jacobian term (no reference constant exists: "
+                        "kdlab's choice, see docs/methods.md)")
+    target: Literal["label", "teacher"] = Field("label", description="the output z_c differentiated: the true "
+                                                "class, or the teacher's top-1 class")
+
+
+class CRDOptions(_Strict):
+    """Contrastive representation distillation (Tian et al. 2020): penultimate features embedded
+    (linear + L2 norm, both networks), a memory bank per network indexed by training example,
+    NCE against K negatives drawn from other classes."""
+    beta: float = Field(0.8, ge=0, description="weight of the contrastive term")
+    feat_dim: int = Field(128, gt=0, description="embedding size")
+    nce_k: int = Field(16384, gt=0, description="negatives per sample (drawn with replacement)")
+    nce_t: float = Field(0.07, gt=0, description="temperature of the scores")
+    momentum: float = Field(0.5, ge=0, lt=1, description="memory bank update: m·old + (1 − m)·new, renormalised")
+
+
 class DKDOptions(_Strict):
     """Decoupled KD (Zhao et al. 2022): CE + warm-up·(α·TCKD + β·NCKD) at the loss section's τ."""
     alpha: float = Field(1.0, ge=0, description="weight of the target-class term TCKD")
@@ -74,16 +116,19 @@ class LSKDOptions(_Strict):
 
 
 METHODS: dict[str, type[_Strict]] = {
-    "logit": LogitOptions, "at": ATOptions, "fitnets": FitNetsOptions, "ofd": OFDOptions, "dkd": DKDOptions,
-    "lskd": LSKDOptions,
+    "logit": LogitOptions, "at": ATOptions, "fitnets": FitNetsOptions, "ofd": OFDOptions, "ab": ABOptions,
+    "ft": FTOptions, "crd": CRDOptions, "jacobian": JacobianOptions, "dkd": DKDOptions, "lskd": LSKDOptions,
 }
-FEATURE_METHODS = ("at", "fitnets", "ofd")  # tap the networks: the teacher runs online, on the same batch
+FEATURE_METHODS = ("at", "fitnets", "ofd", "ab", "ft", "crd")  # tap the networks: the teacher runs online
+ONLINE_METHODS = FEATURE_METHODS + ("jacobian",)  # need the teacher itself on the batch (not cached logits)
+# a first stage that trains with its term alone (the loss section must be plain CE: alpha 0, no smoothing)
+ALONE = {"fitnets": ("variant", "hint"), "ab": None, "ft": ("stage", "paraphraser")}
 
 
 class DistillConfig(_Strict):
-    method: str = Field("logit", description="logit (the loss section alone), at, fitnets, ofd (feature "
-                        "methods: tap the student's and teacher's layers; the teacher runs online), dkd, lskd "
-                        "(logit methods); docs/methods.md")
+    method: str = Field("logit", description="logit (the loss section alone), at, fitnets, ofd, ab, ft, crd "
+                        "(feature methods: tap the student's and teacher's layers; the teacher runs online), "
+                        "jacobian (input gradients; teacher online), dkd, lskd (logit methods); docs/methods.md")
     options: dict = Field(default_factory=dict, description="the method's own settings (docs/methods.md), e.g. "
                           "{beta: 1000, p: 2} for at")
     student_layers: Optional[list[str]] = Field(
@@ -116,6 +161,19 @@ class DistillConfig(_Strict):
     @property
     def feature(self) -> bool:
         return self.method in FEATURE_METHODS
+
+    @property
+    def online(self) -> bool:
+        """The teacher runs on the batch (its features or input gradients): no cache, no store, one teacher."""
+        return self.method in ONLINE_METHODS
+
+    @property
+    def alone(self) -> bool:
+        """A first stage trained with the method's term alone (FitNets' hint, AB, FT's paraphraser)."""
+        if self.method not in ALONE:
+            return False
+        option = ALONE[self.method]
+        return option is None or getattr(self.settings(), option[0]) == option[1]
 
 
 def _check_options(method: str, options: dict) -> None:

@@ -28,6 +28,8 @@ from .sections import (
 )
 
 _DATA_KEYS_HASHED_OFF_DEFAULT = ("image_size", "eval_resize", "crop_scale", "crop_ratio", "on_bad_image")
+_ALONE_WHAT = {"fitnets": "variant hint: Romero et al.'s first stage", "ab": "Heo et al.'s initialisation stage",
+               "ft": "stage paraphraser"}
 _TRANSLATION_DATA_KEYS = ("vocab_size", "max_tokens", "min_words", "max_words", "calibration_tokens")
 
 
@@ -82,7 +84,7 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _method_needs(self):
+    def _method_needs(self):  # noqa: C901  (one check per method, in one place)
         """What a distillation method needs from the other sections, named before anything runs."""
         method = self.distill.method
         if method == "logit":
@@ -91,18 +93,19 @@ class Config(_Strict):
             raise ValueError(f"distill.method={method} needs a teacher section (teacher.runs)")
         if self.data.name == "translation":
             raise ValueError(f"distill.method={method}: translation takes the logit objective of the loss section")
-        if self.distill.feature:
+        if self.distill.online:
             if self.teacher.cache.mode != "off" or self.teacher.store.crops:
                 raise ValueError(f"distill.method={method} runs its teacher online (it needs the teacher's features "
-                                 "of the same batch): drop teacher.cache / teacher.store")
+                                 "or input gradients on the same batch): drop teacher.cache / teacher.store")
             if len(self.teacher.runs) + len(self.teacher.weights) != 1:
-                raise ValueError(f"distill.method={method} taps one teacher's layers: give one teacher, not an "
+                raise ValueError(f"distill.method={method} uses one teacher's layers: give one teacher, not an "
                                  "ensemble")
-        if method == "fitnets" and self.distill.settings().variant == "hint" and (self.loss.alpha or
-                                                                                self.loss.smoothing):
-            raise ValueError("distill.method=fitnets with variant hint trains the hint loss alone (Romero et al.'s "
-                             "first stage): set loss.alpha=0 and loss.smoothing=0, and distil in the next stage "
-                             "(model.init_run)")
+        if self.distill.alone and (self.loss.alpha or self.loss.smoothing):
+            raise ValueError(f"distill.method={method} ({_ALONE_WHAT[method]}) trains its term alone: set "
+                             "loss.alpha=0 and loss.smoothing=0, and distil in the next stage (model.init_run)")
+        if method == "ft" and self.distill.settings().stage == "translator" and not self.model.init_run:
+            raise ValueError("distill.method=ft distils through a trained paraphraser: set model.init_run to the "
+                             "run of its paraphraser stage (distill.options.stage=paraphraser)")
         if method == "dkd" and self.loss.alpha:
             raise ValueError("distill.method=dkd replaces the loss section's KD term: set loss.alpha=0 (DKD's "
                              "weights are distill.options alpha and beta)")

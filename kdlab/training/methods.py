@@ -21,6 +21,7 @@ train mode if asked, as Heo's code, with their running statistics left untouched
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -28,29 +29,46 @@ import torch.nn as nn
 
 from ..device import autocast
 from ..errors import ConfigError, first_line
-from ..feature_losses import FITNETS_CRD_WEIGHT, at_loss, fitnets_loss, ofd_loss, ofd_margin, stage_weights
+from ..feature_losses import (FITNETS_CRD_WEIGHT, ab_loss, at_loss, crd_contrast_loss, crd_normalization_constant,
+                              fitnets_loss, ft_loss, ft_reconstruction_loss, jacobian_loss, jacobian_output,
+                              ofd_loss, ofd_margin, stage_weights)
 from ..losses import distillation_loss_parts, dkd_loss, dkd_warmup_factor, standardize_logits
 from ..models import build_model
 from ..runs import torch_load
-from ..models.taps import Taps, stage_taps, tap_shapes
+from ..models.taps import Taps, stage_taps, tap_shapes, unwrap
 from .distill import LogitDistiller
 
 
 class DistillModule(nn.Module):
-    """The student and its adapters: forward → (logits, [adapter_i(tap_i)])."""
+    """The student and its adapters: forward(x, teacher features) → (logits,
+    [adapter_i(student tap_i)], [teacher_adapter_i(teacher feature_i)] or the teacher features
+    as given). Teacher-side adapters (CRD's embedding, FT's paraphraser) train inside this
+    forward, so DDP sees every trainable parameter used in it."""
 
-    def __init__(self, student: nn.Module, adapters: nn.ModuleList, specs: list[str]):
+    def __init__(self, student: nn.Module, adapters: nn.ModuleList, specs: list[str],
+                 teacher_adapters: nn.ModuleList | None = None, student_frozen: bool = False):
         super().__init__()
-        self.student, self.adapters = student, adapters
+        self.student, self.adapters, self.teacher_adapters = student, adapters, teacher_adapters
+        self.student_frozen = student_frozen  # FT's paraphraser stage: the student runs, untouched, in eval mode
         self.taps = Taps(student, specs)
         self.taps.active = False  # on only in this forward: evaluation of the student copies nothing
 
-    def forward(self, x):
-        with self.taps.capturing():
-            logits = self.student(x)
+    def forward(self, x, teacher_features=()):
+        if self.student_frozen:
+            training = self.student.training
+            self.student.eval()
+            with torch.no_grad(), self.taps.capturing():
+                logits = self.student(x)
+            self.student.train(training)
+        else:
+            with self.taps.capturing():
+                logits = self.student(x)
         features = self.taps.features
         self.taps.clear()  # (the adapted features below hold what the loss needs)
-        return logits, [adapter(f) for adapter, f in zip(self.adapters, features)]
+        student = [adapter(f) for adapter, f in zip(self.adapters, features)]
+        if self.teacher_adapters is None:
+            return logits, student, list(teacher_features)
+        return logits, student, [adapter(f) for adapter, f in zip(self.teacher_adapters, teacher_features)]
 
 
 def _conv_bn(c_in: int, c_out: int, spatial: bool = True) -> nn.Module:
@@ -94,11 +112,23 @@ class FeatureMethod:
     def adapters(self, student_shapes, teacher_shapes) -> nn.ModuleList:
         return nn.ModuleList(nn.Identity() for _ in student_shapes)
 
+    def teacher_adapters(self, teacher_shapes) -> nn.ModuleList | None:
+        """Trainable modules on the teacher's side (CRD's embedding, FT's paraphraser), or None."""
+        return None
+
     def prepare(self, teacher: nn.Module, teacher_name: str, teacher_specs: list[str], defaulted: bool) -> None:
         """Anything the term needs from the teacher once (OFD: the margins)."""
 
-    def term(self, student_features, teacher_features) -> torch.Tensor:
+    def term(self, student_features, teacher_features, y, index, raw) -> torch.Tensor:
+        """The method's term; ``teacher_features`` went through the teacher-side adapters, ``raw`` did not."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What the method keeps beside its adapters (CRD's memory bank)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class AT(FeatureMethod):
@@ -112,7 +142,7 @@ class AT(FeatureMethod):
         _same_spatial(student_shapes, teacher_shapes, self.name)
         return super().adapters(student_shapes, teacher_shapes)
 
-    def term(self, s, t):
+    def term(self, s, t, y, index, raw):
         o = self.settings
         return at_loss(s, t, p=o.p, beta=o.beta, normalization=o.normalization)
 
@@ -143,7 +173,7 @@ class FitNets(FeatureMethod):
                                  for s, t in zip(student_shapes, teacher_shapes))
         return nn.ModuleList(_conv_reg(s[0], t[0], len(s) == 3) for s, t in zip(student_shapes, teacher_shapes))
 
-    def term(self, s, t):
+    def term(self, s, t, y, index, raw):
         variant = "paper" if self.hint_stage else "crd"
         return self.beta * sum(fitnets_loss(a, b, variant=variant) for a, b in zip(s, t))
 
@@ -177,12 +207,211 @@ class OFD(FeatureMethod):
                                            variant=self.settings.margin))
         self.weights = stage_weights(len(self.margins))  # the last stage weighs 1, each earlier one half the next
 
-    def term(self, s, t):  # Heo et al.: CE + β·Σ_i w_i·Σ partial L2 / B (ofd_loss divides by B)
+    def term(self, s, t, y, index, raw):  # Heo et al.: CE + β·Σ_i w_i·Σ partial L2 / B (ofd_loss divides by B)
         return self.settings.beta * sum(w * ofd_loss(a, b, m.to(a.device))
                                         for w, a, b, m in zip(self.weights, s, t, self.margins))
 
 
-FEATURE_METHODS = {m.name: m for m in (AT, FitNets, OFD)}
+class AB(FeatureMethod):
+    """Activation boundaries (Heo et al. 2019b), the initialisation stage: pre-ReLU taps, conv 1×1
+    + BN connectors, β·Σ_i w_i·ab_loss(connector(s_i), t_i) alone (the reference's 3/1000 and
+    stage weights 1/4, 1/2, 1); the next run (model.init_run) trains with CE/KD, connectors dropped."""
+    name = "ab"
+    replaces_loss = True
+
+    def default_specs(self, model_name, model):
+        return [tap.pre_relu for tap in stage_taps(model_name, model, require=("pre_relu",))]
+
+    def adapters(self, student_shapes, teacher_shapes):
+        _same_spatial(student_shapes, teacher_shapes, self.name)
+        self.weights = stage_weights(len(student_shapes))
+        return nn.ModuleList(_conv_bn(s[0], t[0], len(s) >= 2) for s, t in zip(student_shapes, teacher_shapes))
+
+    def term(self, s, t, y, index, raw):
+        o = self.settings
+        return o.beta * sum(w * ab_loss(a, b, o.margin) for w, a, b in zip(self.weights, s, t))
+
+
+def _ft_block(rank: int, c_in: int, c_out: int, transpose: bool = False) -> list[nn.Module]:
+    """FT's layer (Kim et al.'s code): conv 3×3 stride 1 (transposed in the decoder), BN, LeakyReLU 0.1."""
+    conv = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (1, True): nn.ConvTranspose1d,
+            (2, True): nn.ConvTranspose2d}[(rank, transpose)]
+    norm = nn.BatchNorm1d if rank == 1 else nn.BatchNorm2d
+    return [conv(c_in, c_out, 3, 1, 1, bias=False), norm(c_out), nn.LeakyReLU(0.1)]
+
+
+class Paraphraser(nn.Module):
+    """FT's paraphraser: an encoder (C → C → kC → kC) to the factor and a decoder back
+    (kC → kC → C → C), each layer conv 3×3 + BN + LeakyReLU(0.1) as the reference's."""
+
+    def __init__(self, rank: int, channels: int, factor: int):
+        super().__init__()
+        self.encoder = nn.Sequential(*_ft_block(rank, channels, channels), *_ft_block(rank, channels, factor),
+                                     *_ft_block(rank, factor, factor))
+        self.decoder = nn.Sequential(*_ft_block(rank, factor, factor, True), *_ft_block(rank, factor, channels, True),
+                                     *_ft_block(rank, channels, channels, True))
+        self.reconstruct = True  # (the translator stage uses the encoder alone)
+        self.frozen = False
+
+    def freeze(self) -> "Paraphraser":
+        """A trained paraphraser as a fixed function (the translator stage): no gradients, eval mode."""
+        self.frozen, self.reconstruct = True, False
+        return self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
+
+    def forward(self, t):
+        factor = self.encoder(t)
+        return (factor, self.decoder(factor)) if self.reconstruct else (factor, None)
+
+
+class FT(FeatureMethod):
+    """Factor transfer (Kim, Park & Kwak 2018) at the last stage's output. Paraphraser stage: the
+    reconstruction loss alone trains the paraphraser (the student is not trained). Translator
+    stage: the paraphraser frozen (from model.init_run's adapters), a translator (C_s → kC_t,
+    three conv-BN-LeakyReLU layers) on the student, CE(+KD) + β·ft_loss(translator, factor)."""
+    name = "ft"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.paraphraser_stage = settings.stage == "paraphraser"
+
+    @property
+    def replaces_loss(self) -> bool:
+        return self.paraphraser_stage
+
+    def default_specs(self, model_name, model):
+        return [stage_taps(model_name, model)[-1].out]
+
+    def _check(self, student_shapes, teacher_shapes):
+        if len(student_shapes) != 1:
+            raise ValueError(f"FT transfers one feature map (the last stage's output): name one layer each, not "
+                             f"{len(student_shapes)}")
+        s, t = student_shapes[0], teacher_shapes[0]
+        if len(s) not in (2, 3) or len(t) not in (2, 3):
+            raise ValueError(f"FT's paraphraser is convolutional: it needs feature maps (C, L) or (C, H, W), got "
+                             f"{tuple(s)} and {tuple(t)} per sample: use a convolutional student and teacher")
+        _same_spatial(student_shapes, teacher_shapes, self.name)
+        return len(s) - 1, s[0], t[0], max(1, int(t[0] * self.settings.rate))
+
+    def adapters(self, student_shapes, teacher_shapes):
+        rank, c_s, _, factor = self._check(student_shapes, teacher_shapes)
+        translator = nn.Sequential(*_ft_block(rank, c_s, c_s), *_ft_block(rank, c_s, factor),
+                                   *_ft_block(rank, factor, factor))
+        return nn.ModuleList([translator])
+
+    def teacher_adapters(self, teacher_shapes):
+        rank, _, c_t, factor = self._check(teacher_shapes, teacher_shapes)
+        paraphraser = Paraphraser(rank, c_t, factor)
+        return nn.ModuleList([paraphraser if self.paraphraser_stage else paraphraser.freeze()])
+
+    def term(self, s, t, y, index, raw):
+        (translated,), ((factor, reconstruction),) = s, t
+        o = self.settings
+        if self.paraphraser_stage:
+            return ft_reconstruction_loss(reconstruction, raw[0], norm=o.reconstruction)
+        return o.beta * ft_loss(translated, factor, p=1, reduction=o.reduction)
+
+
+def _classifier_input(model: nn.Module) -> str:
+    """The input of the model's last linear layer (its penultimate features), as a tap spec."""
+    names = [name for name, m in unwrap(model).named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("CRD embeds the penultimate features, the input of the last linear layer, and this model "
+                         "has none: name the layers (distill.student_layers / teacher_layers)")
+    return f"{names[-1]}:in"
+
+
+class _Embed(nn.Module):
+    """CRD's embedding: linear to the embedding size, then L2-normalised (flattened first)."""
+
+    def __init__(self, c_in: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(c_in, dim)
+
+    def forward(self, f):
+        return nn.functional.normalize(self.linear(f.flatten(1).float()), dim=1)
+
+
+class CRD(FeatureMethod):
+    """Contrastive representation distillation (Tian et al. 2020; RepDistiller's CRDLoss and
+    ContrastMemory): embeddings of both penultimate features, a memory bank per network with one
+    row per training example (momentum update, renormalised), K negatives per sample drawn
+    with replacement from the other classes' examples (RepDistiller's ``mode='exact'``), the
+    NCE loss of each anchor with its normaliser Z fixed on the first batch, weighted β."""
+    name = "crd"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.bank = None
+
+    def default_specs(self, model_name, model):
+        return [_classifier_input(model)]
+
+    def adapters(self, student_shapes, teacher_shapes):
+        if len(student_shapes) != 1:
+            raise ValueError(f"CRD contrasts one feature per network: name one layer each, not {len(student_shapes)}")
+        flat = math.prod(student_shapes[0])
+        return nn.ModuleList([_Embed(flat, self.settings.feat_dim)])
+
+    def teacher_adapters(self, teacher_shapes):
+        return nn.ModuleList([_Embed(math.prod(teacher_shapes[0]), self.settings.feat_dim)])
+
+    def start(self, labels: torch.Tensor, seed: int, device) -> None:
+        """The memory banks and the negative sampler, for the training set's (noisy) labels."""
+        n, dim = len(labels), self.settings.feat_dim
+        self.n, self.device = n, device
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919)  # (kdlab's own stream for CRD)
+        std = 1.0 / math.sqrt(dim / 3)  # the reference's initialisation: uniform in ±1/√(dim/3)
+        self.bank = {side: (torch.rand(n, dim, generator=self.generator) * 2 * std - std).to(device)
+                     for side in ("student", "teacher")}
+        self.z = {"student": None, "teacher": None}
+        labels = labels.long().cpu()
+        self.order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
+        if int(counts.max()) == n:
+            raise ValueError("CRD draws negatives from other classes, and the training set has one class")
+        self.counts, self.starts = counts, torch.cumsum(counts, 0) - counts
+        self.labels = labels
+
+    def negatives(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, K) indices of other classes' examples, uniform with replacement."""
+        y = self.labels[index.cpu()]
+        n_c, start = self.counts[y].unsqueeze(1), self.starts[y].unsqueeze(1)
+        u = (torch.rand(len(index), self.settings.nce_k, generator=self.generator) * (self.n - n_c)).long()
+        u = torch.minimum(u, self.n - n_c - 1)
+        return self.order[u + (u >= start) * n_c].to(self.device)
+
+    def term(self, s, t, y, index, raw):
+        (v_s,), (v_t,) = s, t
+        o = self.settings
+        index = index.to(self.device).long()
+        rows = torch.cat([index.view(-1, 1), self.negatives(index)], dim=1)  # (B, K + 1): the positive first
+        scores_s = torch.bmm(self.bank["teacher"][rows], v_s.unsqueeze(2)).squeeze(2)  # student anchor
+        scores_t = torch.bmm(self.bank["student"][rows], v_t.unsqueeze(2)).squeeze(2)  # teacher anchor
+        loss = 0.0
+        for side, scores in (("student", scores_s), ("teacher", scores_t)):
+            if self.z[side] is None:  # the reference fixes Z on the first batch
+                self.z[side] = crd_normalization_constant(scores[:, 0], scores[:, 1:], self.n, o.nce_t)
+            loss = loss + crd_contrast_loss(scores[:, 0], scores[:, 1:], self.n, o.nce_t, z=self.z[side])
+        with torch.no_grad():
+            for side, v in (("student", v_s), ("teacher", v_t)):
+                mixed = self.bank[side][index] * o.momentum + v.detach().float() * (1 - o.momentum)
+                self.bank[side][index] = nn.functional.normalize(mixed, dim=1)
+        return o.beta * loss
+
+    def state_dict(self):
+        return {"bank": {k: v.cpu() for k, v in self.bank.items()}, "z": dict(self.z),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.bank = {k: v.to(self.device) for k, v in state["bank"].items()}
+        self.z = dict(state["z"])
+        self.generator.set_state(state["generator"])
+
+
+FEATURE_METHODS = {m.name: m for m in (AT, FitNets, OFD, AB, FT, CRD)}
 
 
 class FeatureDistiller:
@@ -200,16 +429,26 @@ class FeatureDistiller:
         t_shapes = tap_shapes(teacher, self.teacher_specs, data.input_shape)
         self.method.prepare(teacher, teacher_name, self.teacher_specs, cfg.distill.teacher_layers is None)
         adapters = self.method.adapters(s_shapes, t_shapes).to(device)
+        teacher_adapters = self.method.teacher_adapters(t_shapes)
+        if teacher_adapters is not None:
+            teacher_adapters = teacher_adapters.to(device)
         if cfg.channels_last:
             adapters = adapters.to(memory_format=torch.channels_last)
-        self.module = DistillModule(student, adapters, self.student_specs)
-        # what trains beside the student (None: the method has no parameters of its own)
-        self.adapters = adapters if any(True for _ in adapters.parameters()) else None
+            if teacher_adapters is not None:
+                teacher_adapters = teacher_adapters.to(memory_format=torch.channels_last)
+        frozen = getattr(self.method, "paraphraser_stage", False)  # FT's paraphraser stage trains no student
+        self.module = DistillModule(student, adapters, self.student_specs, teacher_adapters, frozen)
+        # what trains (or is handed on) beside the student: saved as adapters.pt; None when nothing
+        both = adapters if teacher_adapters is None else nn.ModuleDict({"student": adapters,
+                                                                         "teacher": teacher_adapters})
+        self.adapters = both if any(True for _ in both.parameters()) else None
         self.teacher, self.teacher_taps = teacher, Taps(teacher, self.teacher_specs)
         self.teacher_taps.active = False  # on only in the distiller's teacher forward (not its evaluation)
         self.teacher_bn_train = getattr(settings, "teacher_bn", "eval") == "train"
-        # a pre-stage trains part of the student (FitNets' hint stage: up to the hint layer)
+        # a pre-stage trains part of the student (FitNets' hint stage: up to the hint layer) or none of it
         self.unused_parameters = self.method.replaces_loss
+        if isinstance(self.method, CRD):
+            self.method.start(data.split_labels("train"), cfg.seed, device)
         self.device_type, self.bf16 = device.type, bf16
         self.logit = LogitDistiller(student, None, cfg.loss, device.type, bf16)  # the loss section's parts
         self.source = None  # (attached by the caller; the teacher runs here, online, for its features)
@@ -231,10 +470,10 @@ class FeatureDistiller:
         return logits.float(), features
 
     def __call__(self, data, module, x, y, index, views):
-        with autocast(self.bf16, self.device_type):
-            logits, student_features = module(x)
         teacher_logits, teacher_features = self._teacher(x)
-        term = self.method.term([f.float() for f in student_features], teacher_features)
+        with autocast(self.bf16, self.device_type):
+            logits, student_features, teacher_adapted = module(x, teacher_features)
+        term = self.method.term([f.float() for f in student_features], teacher_adapted, y, index, teacher_features)
         if self.method.replaces_loss:
             return term, logits, {self.method.name: term}
         loss, parts = distillation_loss_parts(logits, y, teacher_logits, **self.logit.loss_kwargs)
@@ -247,14 +486,50 @@ class FeatureDistiller:
         self.teacher_taps.remove()
 
     def state_dict(self) -> dict:
-        return {"adapters": self.adapters.state_dict()} if self.adapters is not None else {}
+        state = {"adapters": self.adapters.state_dict()} if self.adapters is not None else {}
+        extra = self.method.state_dict()
+        return {**state, "method": extra} if extra else state
 
     def load_state_dict(self, state: dict) -> None:
         if self.adapters is not None:
             self.adapters.load_state_dict(state["adapters"])
+        if "method" in state:
+            self.method.load_state_dict(state["method"])
 
     def finish(self, main: bool) -> None:
         pass
+
+
+class JacobianDistiller(LogitDistiller):
+    """Jacobian matching (Srinivas & Fleuret 2018): CE(+KD) + β·mean_b ‖g_S/‖g_S‖ − g_T/‖g_T‖‖²,
+    g = ∇_x z_c of one output per sample (the label's, or the teacher's top-1). The student's g
+    comes from the training forward itself (train-mode batch norm: its batch statistics add
+    O(1/B) cross-sample terms to each g, not removed) with ``create_graph`` — double backprop;
+    the teacher's from its own eval-mode forward (exact per-sample gradients), a constant."""
+
+    def __init__(self, student, teacher, cfg, device_type, bf16):
+        super().__init__(student, None, cfg.loss, device_type, bf16)
+        self.teacher, self.settings = teacher, cfg.distill.settings()
+
+    @property
+    def part_names(self):
+        return super().part_names + ("jacobian",)
+
+    def __call__(self, data, module, x, y, index, views):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            x_t = x.detach().requires_grad_(True)
+            with autocast(self.bf16, self.device_type):
+                teacher_logits = self.teacher(x_t)
+            teacher_logits = teacher_logits.float()
+            classes = y if self.settings.target == "label" else teacher_logits.detach().argmax(1)
+            (g_t,) = torch.autograd.grad(jacobian_output(teacher_logits, classes), x_t)
+        with autocast(self.bf16, self.device_type):
+            logits = data.forward(module, x)
+        (g_s,) = torch.autograd.grad(jacobian_output(logits, classes), x, create_graph=True)
+        loss, parts = distillation_loss_parts(logits, y, teacher_logits.detach(), **self.loss_kwargs)
+        parts["jacobian"] = self.settings.beta * jacobian_loss(g_s, g_t)
+        return loss + parts["jacobian"], logits, parts
 
 
 @contextlib.contextmanager
@@ -327,6 +602,8 @@ def build_distiller(cfg, data, student: nn.Module, teachers, device, bf16: bool)
     method = cfg.distill.method
     if method in FEATURE_METHODS:
         return FeatureDistiller(cfg, data, student, teachers.models[0], teachers.names[0], device, bf16)
+    if method == "jacobian":
+        return JacobianDistiller(student, teachers.models[0], cfg, device.type, bf16)
     kind = {"dkd": DKDDistiller, "lskd": LSKDDistiller}.get(method)
     if kind is not None:
         return kind(student, None, cfg, device.type, bf16)
@@ -340,7 +617,7 @@ def check_distiller(cfg, data, teachers) -> None:
     left as it was (the run's student is initialised from it afterwards)."""
     if cfg.distill.method not in FEATURE_METHODS:
         return
-    teacher = teachers.models[0]
+    teacher = teachers.models[0]  # (a paraphraser stage's adapters are checked by _check_paraphraser below)
     with torch.random.fork_rng(devices=[]):
         student = build_model(cfg.model.name, data.num_classes, input_shape=data.input_shape).to(
             next(teacher.parameters()).device)
@@ -350,6 +627,24 @@ def check_distiller(cfg, data, teachers) -> None:
         except ValueError as err:
             raise ConfigError(f"distill.method={cfg.distill.method}: {first_line(err)}") from None
     distiller.remove()
+    if cfg.distill.method == "crd" and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ConfigError("distill.method=crd: its memory banks are not shared between processes yet: train CRD "
+                          "in one process (no torchrun)")
+    if cfg.distill.method == "ft" and not distiller.method.paraphraser_stage:
+        _check_paraphraser(distiller, Path(cfg.model.init_run))
+
+
+def _check_paraphraser(distiller, run: Path) -> None:
+    """FT's translator stage starts from its paraphraser stage's adapters: they must be there and fit."""
+    path = run / "adapters.pt"
+    if not path.is_file():
+        raise ConfigError(f"distill.method=ft: model.init_run {run} has no adapters.pt: point it at a finished run "
+                          "of the paraphraser stage (distill.options.stage=paraphraser)")
+    saved, mine = torch_load(path), distiller.adapters.state_dict()
+    if saved.keys() != mine.keys() or any(saved[k].shape != mine[k].shape for k in mine):
+        raise ConfigError(f"distill.method=ft: {path} is not this FT's paraphraser (other layers, teacher or "
+                          "distill.options.rate): train the paraphraser stage with the same teacher and options")
 
 
 def start_adapters(distiller, run: Path, log) -> None:

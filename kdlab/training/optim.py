@@ -8,10 +8,13 @@ import torch.nn as nn
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool):
+    """Weight decay on weights (and, if asked, on BN and bias parameters); frozen parameters
+    (FT's trained paraphraser) are not optimised."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if decay_bn_bias:
-        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
