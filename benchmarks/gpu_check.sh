@@ -16,6 +16,7 @@
 #      benchmarks/translation_speed.py --device cuda, fp32 and bf16, with an online teacher;
 #   6. the test suite with CUDA visible (tests were written on CPU machines): what fails.
 # Writes log.txt (the suite's failures included), smoke.json and the benchmarks' JSON under OUT_DIR (8 files).
+# KDLAB_CHECK_ONLY (words, e.g. "machine method_speed pytest") runs only the steps whose names start with one.
 set -u
 OUT_DIR=${1:-${OUT:-gpu-check}}
 mkdir -p "$OUT_DIR"
@@ -30,9 +31,17 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 exec > >(tee -a "$OUT_DIR/log.txt") 2>&1
 
-# step NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, time left before the deadline)
+# step NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, time left before the deadline);
+# KDLAB_CHECK_ONLY="machine method_speed pytest ..." runs only the steps whose names start with a listed word
+ONLY=${KDLAB_CHECK_ONLY:-}
+wanted() {
+    [ -z "$ONLY" ] && return 0
+    local word; for word in $ONLY; do [[ $1 == "$word"* ]] && return 0; done
+    return 1
+}
 step() {
     local name=$1 limit=$2; shift 2
+    if ! wanted "$name"; then echo "== $name: not asked for (KDLAB_CHECK_ONLY)"; return; fi
     local left=$((BUDGET - (SECONDS - START) - 5))
     if ((left < 15)); then echo "== $name: skipped (deadline)"; return; fi
     ((limit > left)) && limit=$left
@@ -87,7 +96,7 @@ step translation_fp32 60 bash -c "$PY benchmarks/translation_speed.py $TR && cp 
 step translation_bf16 60 bash -c "$PY benchmarks/translation_speed.py $TR --bf16 && cp benchmarks/results/translation_speed-$DEVICE.json '$OUT_DIR/translation_speed-$DEVICE-bf16.json'"
 
 # what the smoke runs left: accuracy, device, precision and a digest of the weights, per run
-$PY - "$WORK" "$OUT_DIR/smoke.json" <<'EOF'
+wanted smoke && $PY - "$WORK" "$OUT_DIR/smoke.json" <<'EOF'
 import hashlib, json, sys
 from pathlib import Path
 rows = {}

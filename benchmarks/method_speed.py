@@ -5,8 +5,10 @@ against plain online logit KD, and the parameters each adds beside the student.
                                       [--student wrn-16-2] [--teacher wrn-40-2] [--bf16]
 
 A step is what kdlab's loop does for one batch: the distiller's forward (student with its
-taps and adapters, the teacher online with its taps, under ``torch.no_grad``), the loss and
-its parts, backward, and an SGD step over the student and the adapters — on random
+taps and adapters, the teacher online with its taps, under ``torch.no_grad``; Jacobian
+matching: both networks' input gradients, the student's with a graph for double backprop;
+CRD: the memory banks of a 50,000-example training set), the loss and its parts, backward,
+and an SGD step over the student and the adapters — on random
 CIFAR-shaped tensors (3×32×32, 100 classes), the WRN-40-2 → WRN-16-2 pair by default,
 with the teacher's and student's random weights (speed does not depend on training).
 Methods run round-robin (``--rounds``, each ``--steps`` timed steps after 2 warm-up steps),
@@ -43,9 +45,15 @@ METHODS = [  # (row, distill section, loss section)
     ("FitNets (one stage)", {"method": "fitnets"}, {"alpha": 0.0}),
     ("AT", {"method": "at"}, {"alpha": 0.0}),
     ("OFD", {"method": "ofd"}, {"alpha": 0.0}),
+    ("AB (initialisation stage)", {"method": "ab"}, {"alpha": 0.0}),
+    ("FT paraphraser stage", {"method": "ft", "options": {"stage": "paraphraser"}}, {"alpha": 0.0}),
+    ("FT translator stage", {"method": "ft"}, {"alpha": 0.0}),
+    ("Jacobian matching", {"method": "jacobian"}, {"alpha": 0.0}),
+    ("CRD (K = 16384, 50k bank)", {"method": "crd"}, {"alpha": 0.0}),
     ("DKD", {"method": "dkd"}, {"alpha": 0.0, "tau": 4.0}),
     ("logit standardisation (KL)", {"method": "lskd"}, {"alpha": 0.9, "tau": 2.0}),
 ]
+TRAIN_SIZE = 50_000  # CIFAR's training set: CRD's memory banks have a row per example
 BASELINE = 1
 
 
@@ -64,7 +72,8 @@ class _Teachers:
 
 def _setup(row, args, device, data, teacher):
     _, distill, loss = row
-    cfg = build_config({"model": {"name": args.student}, "loss": loss, "distill": distill,
+    start = {"init_run": "benchmark-paraphraser"} if distill["method"] == "ft" else {}  # (weights do not matter)
+    cfg = build_config({"model": {"name": args.student, **start}, "loss": loss, "distill": distill,
                         "teacher": {"runs": ["benchmark-teacher"]}, "channels_last": args.channels_last,
                         "data": {"name": "cifar100"}})
     torch.manual_seed(0)
@@ -87,8 +96,8 @@ def _steps(distiller, optimizer, batches, data, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    for x, y in batches:
-        loss, _, _ = distiller(data, module, x, y, None, None)
+    for x, y, index in batches:
+        loss, _, _ = distiller(data, module, x, y, index, None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -112,7 +121,9 @@ def main() -> int:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = SimpleNamespace(input_shape=(3, 32, 32), forward=lambda model, x: model(x))
+    labels = torch.arange(TRAIN_SIZE) % 100
+    data = SimpleNamespace(input_shape=(3, 32, 32), forward=lambda model, x: model(x),
+                           split_labels=lambda split: labels)
     teacher = build_model(args.teacher, 100, input_shape=(3, 32, 32)).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -124,7 +135,8 @@ def main() -> int:
         x = torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, torch.randint(0, 100, (args.batch_size,), generator=generator).to(device)
+        index = torch.randint(0, TRAIN_SIZE, (args.batch_size,), generator=generator)
+        return x, labels[index].to(device), index.to(device)
 
     runs = [(row, *_setup(row, args, device, data, teacher)) for row in METHODS]
     times = {row[0]: [] for row in METHODS}

@@ -305,3 +305,33 @@ def test_ft_paraphraser_stage_then_translator_stage(tmp_path, conv_teacher):
     with pytest.raises(ConfigError, match="no adapters.pt"):
         train(wrong, **QUIET)
     assert not wrong.run_dir().exists()
+
+
+@pytest.mark.parametrize("method, options, loss", [
+    ("at", {}, {}), ("fitnets", {}, {}), ("ofd", {}, {}), ("ab", {}, {}), ("ft", {"stage": "paraphraser"}, {}),
+    ("ft", {}, {}), ("crd", {"nce_k": 32}, {}), ("jacobian", {}, {}), ("dkd", {}, {"tau": 4.0}),
+    ("lskd", {}, {"alpha": 0.9, "tau": 2.0})])
+def test_every_method_steps_under_bf16_autocast(tmp_path, conv_teacher, method, options, loss):
+    """One training step of each method with the forwards under bf16 autocast (as on a GPU):
+    the terms are computed in float32, the loss is finite and reaches the student."""
+    from kdlab.data import load_dataset
+    from kdlab.training.distill import OnlineTeacher
+    from kdlab.training.methods import build_distiller
+    from kdlab.training.state import build_student
+    from kdlab.training.teachers import Teachers
+
+    start = {"init_run": "paraphraser-run"} if method == "ft" and not options else {}
+    cfg = _student(tmp_path, conv_teacher, method, options, loss=loss, model={"name": "wrn-10-1", **start})
+    data = load_dataset(cfg.data)
+    cpu = torch.device("cpu")
+    student = build_student(_digits(tmp_path), data, cpu)  # (the same wrn-10-1; no init_run to read)
+    teachers = Teachers(cfg.teacher, data)
+    distiller = build_distiller(cfg, data, student, teachers, cpu, True)
+    distiller.source = OnlineTeacher(teachers, True)
+    x, y = data.prepare(data.train_x[:16]), data.train_y[:16]
+    total, _, parts = distiller(data, distiller.module, x, y, torch.arange(16), None)
+    assert total.dtype == torch.float32 and torch.isfinite(total) and all(p.dtype == torch.float32
+                                                                          for p in parts.values())
+    total.backward()
+    grads = [p.grad for p in distiller.module.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -473,7 +473,7 @@ class FeatureDistiller:
         teacher_logits, teacher_features = self._teacher(x)
         with autocast(self.bf16, self.device_type):
             logits, student_features, teacher_adapted = module(x, teacher_features)
-        term = self.method.term([f.float() for f in student_features], teacher_adapted, y, index, teacher_features)
+        term = self.method.term(_float(student_features), _float(teacher_adapted), y, index, teacher_features)
         if self.method.replaces_loss:
             return term, logits, {self.method.name: term}
         loss, parts = distillation_loss_parts(logits, y, teacher_logits, **self.logit.loss_kwargs)
@@ -530,6 +530,14 @@ class JacobianDistiller(LogitDistiller):
         loss, parts = distillation_loss_parts(logits, y, teacher_logits.detach(), **self.loss_kwargs)
         parts["jacobian"] = self.settings.beta * jacobian_loss(g_s, g_t)
         return loss + parts["jacobian"], logits, parts
+
+
+def _float(features):
+    """Adapted features (tensors, or tuples of them: FT's paraphraser) in float32, None kept:
+    the terms compute in float32 whatever the forward's autocast gave."""
+    if isinstance(features, (list, tuple)):
+        return type(features)(_float(f) for f in features)
+    return features.float() if features is not None else None
 
 
 @contextlib.contextmanager
