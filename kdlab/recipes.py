@@ -55,7 +55,8 @@ class Stage(_Strict):
     seeds: Optional[list[int]] = None
     teachers: list[str] = Field(default_factory=list, description="earlier stages whose runs teach this one")
     init_from: Optional[str] = Field(None, description="an earlier stage whose matching run starts this one's runs "
-                                     "(model.init_run: its student weights, and its adapters when the same)")
+                                     "(model.init_run: its student weights, and its adapters when the same); runs "
+                                     "whose label on a shared axis the earlier stage lacks start fresh")
     ensemble: bool = False
     analyze: bool = Field(False, description="run `kdlab analyze` on this stage's runs for the report")
     projections: Optional[list[list[Union[int, str]]]] = Field(
@@ -259,10 +260,15 @@ def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",
 
 
 def _start_run(recipe_id: str, stage: Stage, by_stage: dict, labels: dict, seed: int) -> Optional[RunSpec]:
-    """The one run of ``stage.init_from`` that starts a run of ``stage`` (matched as teachers are)."""
+    """The one run of ``stage.init_from`` that starts a run of ``stage`` (matched as teachers are),
+    or None when the earlier stage has no run for this run's label on an axis they share (only
+    some methods have a first stage: FitNets' hint, AB's initialisation, FT's paraphraser)."""
     if stage.init_from is None:
         return None
     earlier = by_stage[stage.init_from]
+    for axis in set(labels) & set().union(*(r.labels for r in earlier)):
+        if labels[axis] not in {r.labels.get(axis) for r in earlier}:
+            return None
     seeds = len({r.seed for r in earlier})
     matches = [r for r in earlier if _matches(r, labels, seed, seeds, False)]
     if len(matches) != 1:

@@ -205,3 +205,19 @@ def test_no_student_axis_copies_its_teachers_architecture(path):
                     sets = [v.set.get("model.name") for v in values]
                     theirs = [v.set.get("model.name") for v in teacher.axes.get(axis, [])]
                     assert not (any(sets) and sets == theirs), (stage.name, axis)
+
+
+def test_kim_table3_second_stages_start_from_their_first(tmp_path):
+    """Only the methods with a first stage start from one (FitNets' hint, AB's initialisation,
+    FT's paraphraser), each from the pre run of its own method, student and seed."""
+    runs = expand(load_recipe("kim-table3"), "quick", tmp_path)
+    students = [r for r in runs if r.stage == "student"]
+    started = {r.labels["objective"] for r in students if r.starts_from is not None}
+    assert started == {"FitNets", "AB", "FT"}
+    for run in students:
+        if run.starts_from is not None:
+            start = run.starts_from
+            assert start.stage == "pre" and start.labels == run.labels and start.seed == run.seed
+            assert run.config.model.init_run == str(start.run_dir)
+        else:
+            assert run.config.model.init_run is None

@@ -136,9 +136,9 @@ class AT(FeatureMethod):
 
     def adapters(self, student_shapes, teacher_shapes):
         for i, (s, t) in enumerate(zip(student_shapes, teacher_shapes)):
-            if len(s) != 3 or len(t) != 3:
-                raise ValueError(f"attention maps need spatial features (C, H, W); tap pair {i} gives {tuple(s)} "
-                                 f"and {tuple(t)} per sample: use a convolutional student and teacher")
+            if len(s) < 2 or len(t) < 2:
+                raise ValueError(f"attention maps need spatial features ((C, L) or (C, H, W)); tap pair {i} gives "
+                                 f"{tuple(s)} and {tuple(t)} per sample: use a convolutional student and teacher")
         _same_spatial(student_shapes, teacher_shapes, self.name)
         return super().adapters(student_shapes, teacher_shapes)
 
