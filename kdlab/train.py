@@ -18,6 +18,7 @@ that fails before its first checkpoint leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -109,7 +110,13 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
         return _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log, closers,
                              stop_after_step, ctx)
     except BaseException:
-        # nothing to resume from: leave nothing behind (what this call created)
+        # writers closed first (TensorBoard's flushes into the run dir: closing it after the
+        # dir is gone would raise instead of the error that stopped the run), then nothing to
+        # resume from: leave nothing behind (what this call created)
+        for closer in closers:
+            with contextlib.suppress(Exception):
+                closer.close()
+        closers.clear()
         if ctx.main and lock is not None and not (run_dir / "checkpoint.pt").exists() \
                 and not (run_dir / "result.json").exists():
             remove_created(run_dir, created)

@@ -335,3 +335,52 @@ def test_every_method_steps_under_bf16_autocast(tmp_path, conv_teacher, method, 
     total.backward()
     grads = [p.grad for p in distiller.module.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.fixture(scope="module")
+def cnn1d_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teachers")
+    cfg = config_with({"out_dir": str(out), "threads": 1, "name": "teacher", "model": {"name": "cnn1d-8"},
+                       "data": {"name": "mnist1d", "num_samples": 600}, "optim": {"epochs": 1, "batch_size": 64}})
+    return train(cfg, **QUIET)["run_dir"]
+
+
+@pytest.mark.parametrize("method, options", [
+    ("at", {}), ("fitnets", {}), ("fitnets", {"variant": "hint"}), ("ofd", {}), ("ab", {}),
+    ("ft", {"stage": "paraphraser"}), ("crd", {"nce_k": 16})])
+def test_feature_methods_on_one_dimensional_feature_maps(tmp_path, cnn1d_teacher, method, options):
+    """cnn1d's features are (C, L): the adapters are 1-D convolutions and every method trains."""
+    cfg = config_with({"out_dir": str(tmp_path), "threads": 1, "name": method, "model": {"name": "cnn1d-4"},
+                       "data": {"name": "mnist1d", "num_samples": 600},
+                       "optim": {"epochs": 1, "batch_size": 64, "lr": 0.05, "grad_clip": 1.0},  # (kim-table3's first stages)
+                       "teacher": {"runs": [cnn1d_teacher]}, "distill": {"method": method, "options": options}})
+    run = Path(train(cfg, **QUIET)["run_dir"])
+    assert all(m[f"train_{method}"] > 0 for m in read_metrics(run))
+    if (run / "adapters.pt").exists() and method != "crd":  # (CRD's embeddings are linear)
+        shapes = [v.dim() for k, v in torch.load(run / "adapters.pt", weights_only=True).items()
+                  if k.endswith("weight") and v.dim() > 2]
+        assert shapes and set(shapes) == {3}  # Conv1d kernels: (out, in, k)
+
+
+def test_a_run_that_fails_in_training_reports_its_own_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """TensorBoard's writer is closed before the failed run's dir is removed: closing it
+    afterwards raised FileNotFoundError in place of the run's error (seen in a sweep)."""
+    from kdlab.training import loop
+
+    def fit(self, *args, **kwargs):
+        writer, close = self.writer, self.writer.close
+        run_dir = self.run_dir
+
+        def flush_then_close():  # as TensorBoard's file writer: it reopens its event file to append
+            if not run_dir.is_dir():
+                raise FileNotFoundError(f"{run_dir}/tensorboard/events...")
+            close()
+
+        writer.close = flush_then_close
+        raise RuntimeError("boom in training")
+
+    monkeypatch.setattr(loop.Loop, "fit", fit)
+    cfg = _digits(tmp_path, name="failing", tensorboard=True)
+    with pytest.raises(RuntimeError, match="boom in training"):
+        train(cfg, **QUIET)
+    assert not cfg.run_dir().exists()

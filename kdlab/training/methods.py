@@ -71,23 +71,36 @@ class DistillModule(nn.Module):
         return logits, student, [adapter(f) for adapter, f in zip(self.teacher_adapters, teacher_features)]
 
 
-def _conv_bn(c_in: int, c_out: int, spatial: bool = True) -> nn.Module:
-    """OFD's connector (Heo et al. 2019a): conv 1×1 + BN, initialised as the reference
-    (a fully connected layer's features: linear + BN)."""
-    if not spatial:
+def _conv(rank: int):
+    """The convolution for features of ``rank`` spatial dimensions: (C, L) → Conv1d, (C, H, W) → Conv2d."""
+    if rank not in (1, 2):
+        raise ValueError(f"features with {rank} spatial dimensions are not supported (vectors, (C, L) or (C, H, W))")
+    return (nn.Conv1d, nn.Conv2d)[rank - 1], (nn.BatchNorm1d, nn.BatchNorm2d)[rank - 1]
+
+
+def _conv_bn(c_in: int, c_out: int, rank: int = 2) -> nn.Module:
+    """OFD's and AB's connector (Heo et al. 2019a/b): conv 1×1 + BN, initialised as the
+    reference; ``rank`` spatial dimensions (0: a fully connected layer's features, linear + BN)."""
+    if rank == 0:
         return nn.Sequential(nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out))
-    conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+    conv_type, norm = _conv(rank)
+    conv = conv_type(c_in, c_out, 1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    bn = nn.BatchNorm2d(c_out)
-    return nn.Sequential(conv, bn)
+    return nn.Sequential(conv, norm(c_out))
 
 
-def _conv_reg(c_in: int, c_out: int, spatial: bool = True) -> nn.Module:
+def _conv_reg(c_in: int, c_out: int, rank: int = 2) -> nn.Module:
     """FitNets' regressor as CRD/mdistiller build it for equal spatial sizes: conv 3×3 + BN +
     ReLU (a fully connected layer's features: one linear layer, as Romero et al.'s MLP hints)."""
-    if not spatial:
+    if rank == 0:
         return nn.Linear(c_in, c_out)
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=False))
+    conv_type, norm = _conv(rank)
+    return nn.Sequential(conv_type(c_in, c_out, 3, 1, 1), norm(c_out), nn.ReLU(inplace=False))
+
+
+def _hint_reg(c_in: int, c_out: int, rank: int) -> nn.Module:
+    """FitNets' paper regressor: a plain convolution (it can output the hint's negative values)."""
+    return nn.Linear(c_in, c_out) if rank == 0 else _conv(rank)[0](c_in, c_out, 3, 1, 1)
 
 
 def _same_spatial(student_shapes, teacher_shapes, method: str) -> None:
@@ -169,9 +182,8 @@ class FitNets(FeatureMethod):
     def adapters(self, student_shapes, teacher_shapes):
         _same_spatial(student_shapes, teacher_shapes, self.name)
         if self.hint_stage:
-            return nn.ModuleList(nn.Conv2d(s[0], t[0], 3, 1, 1) if len(s) == 3 else nn.Linear(s[0], t[0])
-                                 for s, t in zip(student_shapes, teacher_shapes))
-        return nn.ModuleList(_conv_reg(s[0], t[0], len(s) == 3) for s, t in zip(student_shapes, teacher_shapes))
+            return nn.ModuleList(_hint_reg(s[0], t[0], len(s) - 1) for s, t in zip(student_shapes, teacher_shapes))
+        return nn.ModuleList(_conv_reg(s[0], t[0], len(s) - 1) for s, t in zip(student_shapes, teacher_shapes))
 
     def term(self, s, t, y, index, raw):
         variant = "paper" if self.hint_stage else "crd"
@@ -187,7 +199,7 @@ class OFD(FeatureMethod):
 
     def adapters(self, student_shapes, teacher_shapes):
         _same_spatial(student_shapes, teacher_shapes, self.name)
-        return nn.ModuleList(_conv_bn(s[0], t[0], len(s) == 3) for s, t in zip(student_shapes, teacher_shapes))
+        return nn.ModuleList(_conv_bn(s[0], t[0], len(s) - 1) for s, t in zip(student_shapes, teacher_shapes))
 
     def prepare(self, teacher, teacher_name, teacher_specs, defaulted):
         """The margins: from the batch norm before each tapped ReLU — the family's declared
@@ -225,7 +237,7 @@ class AB(FeatureMethod):
     def adapters(self, student_shapes, teacher_shapes):
         _same_spatial(student_shapes, teacher_shapes, self.name)
         self.weights = stage_weights(len(student_shapes))
-        return nn.ModuleList(_conv_bn(s[0], t[0], len(s) >= 2) for s, t in zip(student_shapes, teacher_shapes))
+        return nn.ModuleList(_conv_bn(s[0], t[0], len(s) - 1) for s, t in zip(student_shapes, teacher_shapes))
 
     def term(self, s, t, y, index, raw):
         o = self.settings
@@ -234,9 +246,9 @@ class AB(FeatureMethod):
 
 def _ft_block(rank: int, c_in: int, c_out: int, transpose: bool = False) -> list[nn.Module]:
     """FT's layer (Kim et al.'s code): conv 3×3 stride 1 (transposed in the decoder), BN, LeakyReLU 0.1."""
-    conv = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (1, True): nn.ConvTranspose1d,
-            (2, True): nn.ConvTranspose2d}[(rank, transpose)]
-    norm = nn.BatchNorm1d if rank == 1 else nn.BatchNorm2d
+    conv, norm = _conv(rank)
+    if transpose:
+        conv = (nn.ConvTranspose1d, nn.ConvTranspose2d)[rank - 1]
     return [conv(c_in, c_out, 3, 1, 1, bias=False), norm(c_out), nn.LeakyReLU(0.1)]
 
 
