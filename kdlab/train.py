@@ -42,7 +42,8 @@ from .training.distill import open_teacher_source
 from .training.loop import Loop
 from .training.methods import build_distiller, check_distiller, start_adapters
 from .training.probes import MutualInformationProbe
-from .training.rundir import claim_run_dir, load_checkpoint, remove_created, threads_for_resume, write_meta
+from .training.rundir import (add_weight_file, claim_run_dir, load_checkpoint, remove_created, threads_for_resume,
+                              write_meta)
 from .training.state import build_state, build_student
 from .training.teachers import Teachers
 
@@ -189,7 +190,9 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
     student = build_student(cfg, data, device, ctx)
     distiller = build_distiller(cfg, data, student, teachers, device, bf16)  # (its adapters join the optimizer)
     if cfg.model.init_run:
-        start_adapters(distiller, Path(cfg.model.init_run), log)
+        read = start_adapters(distiller, Path(cfg.model.init_run), log)
+        if read is not None and ctx.main:  # (meta.json names every weights file a start reads)
+            add_weight_file(run_dir, {"model.init_run adapters": str(read.resolve()), "sha256": file_sha256(read)})
     state = build_state(cfg, student, distiller, device)
     if checkpoint is not None:
         state.restore(checkpoint, run_dir / "checkpoint.pt", ctx)

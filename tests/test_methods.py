@@ -294,6 +294,10 @@ def test_ft_paraphraser_stage_then_translator_stage(tmp_path, conv_teacher):
     student = _student(tmp_path, conv_teacher, "ft", model={"name": "wrn-10-1", "init_run": str(para)})
     run = Path(train(student, **QUIET)["run_dir"])
     after = torch.load(run / "adapters.pt", weights_only=True)
+    import json
+    files = json.loads((run / "meta.json").read_text())["weight_files"]
+    assert {"model.init_run adapters": str((para / "adapters.pt").resolve()),
+            "sha256": __import__("hashlib").sha256((para / "adapters.pt").read_bytes()).hexdigest()} in files
     teacher_side = [k for k in paraphraser if k.startswith("teacher.")]
     assert all(torch.equal(after[k], paraphraser[k]) for k in teacher_side)  # frozen: BN statistics too
     assert not all(torch.equal(after[k], paraphraser[k]) for k in after if k.startswith("student."))
@@ -384,3 +388,28 @@ def test_a_run_that_fails_in_training_reports_its_own_error_and_leaves_nothing(t
     with pytest.raises(RuntimeError, match="boom in training"):
         train(cfg, **QUIET)
     assert not cfg.run_dir().exists()
+
+
+def test_teacher_batch_norm_in_train_mode_never_touches_its_running_statistics():
+    """OFD's ``teacher_bn: train``: batch statistics normalise, the running ones stay as they
+    were — even for a batch with a non-finite value (momentum 0 would have written 0·NaN)."""
+    import torch.nn as nn
+
+    from kdlab.training.methods import _bn_train_frozen
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    net[1].running_mean.normal_()
+    net[1].running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(8, 3, 6, 6)
+    with _bn_train_frozen(net):
+        y = net(x)
+        bad = x.clone()
+        bad[0, 0, 0, 0] = float("nan")
+        net(bad)
+    conv = net[0](x)
+    expected = torch.relu(nn.functional.batch_norm(conv, None, None, net[1].weight, net[1].bias, training=True))
+    torch.testing.assert_close(y, expected)
+    assert not net.training and net[1].track_running_stats
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -314,9 +314,10 @@ def test_timm_resnets_taps_and_stages():
     assert rows["net.layer1.1.act2"][1:] == ("ReLU", (64, 16, 16), 0)
     assert rows["net.fc"][1:] == ("Linear", (7,), 512 * 7 + 7)
     stages = stage_taps("timm:resnet18", model, require=("pre_relu", "bn"))
-    assert [(s.out, s.pre_relu, s.bn) for s in stages[:2]] == [
-        ("net.act1", "net.act1:in", "net.bn1"), ("net.layer1", "net.layer1.1.act2:in", "net.layer1.1.bn2")]
-    shapes = [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
+    assert [(s.out, s.pre_relu, s.bn) for s in stages[:2]] == [  # the four stages, not the stem (act1)
+        ("net.layer1", "net.layer1.1.act2:in", "net.layer1.1.bn2"),
+        ("net.layer2", "net.layer2.1.act2:in", "net.layer2.1.bn2")]
+    shapes = [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
     assert tap_shapes(model, [s.out for s in stages], (3, 64, 64)) == shapes
     for module in model.modules():  # timm zero-initialises each block's last BN: the sum would be the shortcut
         if isinstance(module, nn.BatchNorm2d):
@@ -325,7 +326,7 @@ def test_timm_resnets_taps_and_stages():
     x = torch.randn(2, 3, 64, 64)
     with Taps(model, [s.out for s in stages] + [s.pre_relu for s in stages]) as taps:
         assert torch.equal(model(x), twin(x))  # train mode: batch statistics, updated once
-        outs, pres = taps.features[:5], taps.features[5:]
+        outs, pres = taps.features[:4], taps.features[4:]
     assert all(torch.equal(out, F.relu(pre)) and (pre < 0).any() for out, pre in zip(outs, pres))
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in model.state_dict().items())
 

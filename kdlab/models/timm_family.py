@@ -64,15 +64,16 @@ class TimmClassifier(nn.Module):
         return (logits, features) if return_features else logits
 
     def stage_taps(self) -> list[StageTap]:
-        """timm's feature levels (``feature_info``: what ``features_only=True`` returns; a ResNet's
-        first is its stem, ``act1``). Where a level ends in a ReLU module ``actK`` with a sibling
-        ``bnK`` (ResNets: the stem's act1, each stage's last block's act3 / act2) the pre-ReLU
-        feature is that ReLU's input and ``bn`` is ``bnK``; elsewhere (GELU nets, ...) None."""
+        """The last four of timm's feature levels (``feature_info``: what ``features_only=True``
+        returns): a ResNet's layer1–layer4 — its stem (``act1``, the first level) left out, as
+        Heo et al. tap four stages on ImageNet. Where a level ends in a ReLU module ``actK`` with
+        a sibling ``bnK`` (ResNets: each stage's last block's act3 / act2) the pre-ReLU feature
+        is that ReLU's input and ``bn`` is ``bnK``; elsewhere (GELU nets, ...) None."""
         levels = [info["module"] for info in getattr(self.net, "feature_info", None) or []]
         if not levels:
             raise ValueError(f"timm:{self.timm_name} has no feature_info (timm's stage list): pass module names "
                              f"to Taps(model, ['net.NAME', ...]) (`kdlab models --layers timm:{self.timm_name}`)")
-        return [StageTap(f"net.{level}", *self._before_relu(level)) for level in levels]
+        return [StageTap(f"net.{level}", *self._before_relu(level)) for level in levels[-4:]]
 
     def _before_relu(self, level: str) -> tuple[str | None, str | None]:
         """(pre-ReLU spec, norm name) of one feature level, or (None, None)."""

@@ -448,6 +448,11 @@ class FeatureDistiller:
             adapters = adapters.to(memory_format=torch.channels_last)
             if teacher_adapters is not None:
                 teacher_adapters = teacher_adapters.to(memory_format=torch.channels_last)
+        if cfg.sync_batchnorm and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the adapters' batch norms as the student's: statistics over the global batch
+            adapters = nn.SyncBatchNorm.convert_sync_batchnorm(adapters)
+            if teacher_adapters is not None:
+                teacher_adapters = nn.SyncBatchNorm.convert_sync_batchnorm(teacher_adapters)
         frozen = getattr(self.method, "paraphraser_stage", False)  # FT's paraphraser stage trains no student
         self.module = DistillModule(student, adapters, self.student_specs, teacher_adapters, frozen)
         # what trains (or is handed on) beside the student: saved as adapters.pt; None when nothing
@@ -555,21 +560,19 @@ def _float(features):
 @contextlib.contextmanager
 def _bn_train_frozen(model: nn.Module):
     """The model's batch norms normalise with batch statistics (train mode) while their
-    running statistics stay as they are (momentum 0 for the call; the counter restored)."""
+    running statistics and counters are not touched at all (``track_running_stats`` off for
+    the call: no update, so a non-finite batch cannot reach them either)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for m in bns]
+    saved = [(m.training, m.track_running_stats) for m in bns]
     for m in bns:
         m.train()
-        m.momentum = 0.0
+        m.track_running_stats = False
     try:
         yield
     finally:
-        for m, (training, momentum, tracked) in zip(bns, saved):
+        for m, (training, tracking) in zip(bns, saved):
             m.train(training)
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
+            m.track_running_stats = tracking
 
 
 class DKDDistiller(LogitDistiller):
@@ -667,15 +670,17 @@ def _check_paraphraser(distiller, run: Path) -> None:
                           "distill.options.rate): train the paraphraser stage with the same teacher and options")
 
 
-def start_adapters(distiller, run: Path, log) -> None:
+def start_adapters(distiller, run: Path, log) -> Path | None:
     """An earlier stage's adapters (``adapters.pt``) start this run's when they are the same
-    modules (names and shapes); otherwise this run's start fresh, and a line says so."""
+    modules (names and shapes): returns the file read; otherwise this run's start fresh, and a
+    line says so."""
     path = run / "adapters.pt"
     if distiller.adapters is None or not path.is_file():
-        return
+        return None
     saved, mine = torch_load(path), distiller.adapters.state_dict()
     if saved.keys() == mine.keys() and all(saved[k].shape == mine[k].shape for k in mine):
         distiller.adapters.load_state_dict(saved)
         log(f"adapters start from {path}")
-    else:
-        log(f"{path} holds other adapters than this method's: this run's adapters start fresh")
+        return path
+    log(f"{path} holds other adapters than this method's: this run's adapters start fresh")
+    return None

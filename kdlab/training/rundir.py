@@ -121,3 +121,16 @@ def write_meta(run_dir: Path, device: torch.device, start_epoch: int, weight_fil
         start["weight_files"] = list(weight_files)
     starts = [s for s in previous.get("starts", []) if isinstance(s, dict)] + [start]
     atomic_write_json(path, {**start, "starts": starts})
+
+
+def add_weight_file(run_dir: Path, entry: dict) -> None:
+    """Record one more weights file read by this start (known only once the distiller is built:
+    an earlier stage's adapters) in meta.json, beside the others."""
+    path = run_dir / "meta.json"
+    meta = json.loads(path.read_text())
+    files = [f for f in meta.get("weight_files", []) if f != entry] + [entry]
+    meta["weight_files"] = files
+    if meta.get("starts"):
+        meta["starts"][-1]["weight_files"] = files
+    atomic_write_json(path, meta)
+
