@@ -413,3 +413,31 @@ def test_teacher_batch_norm_in_train_mode_never_touches_its_running_statistics()
     torch.testing.assert_close(y, expected)
     assert not net.training and net[1].track_running_stats
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_jacobian_two_processes_equal_one_and_crd_is_refused_under_torchrun(tmp_path, mlp_teacher):
+    """Double backprop under DDP: the gradient through the input-gradient graph is all-reduced
+    like any other (an MLP without batch norm: per-sample gradients, the same function in 1 or
+    2 processes). CRD's memory banks are per process: torchrun is refused before any run dir."""
+    from test_distributed import _run
+
+    cfg = _digits(tmp_path / "runs", name="jacobian", model={"name": "mlp-64-64"}, data={"augment": "none"},
+                  teacher={"runs": [mlp_teacher]}, optim={"epochs": 2, "batch_size": 64, "schedule": "cosine"},
+                  distill={"method": "jacobian"})
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(cfg.model_copy(update={"out_dir": str(one)}), tmp_path, 1)
+    _run(cfg.model_copy(update={"out_dir": str(two)}), tmp_path, 2)
+    a, b = (d / cfg.run_dir().name for d in (one, two))
+    for x, y in zip(read_metrics(a), read_metrics(b)):
+        for key in ("train_loss", "train_ce", "train_jacobian", "test_acc"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
+    wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+    crd = _digits(tmp_path / "crd", name="crd", model={"name": "mlp-64-64"}, data={"augment": "none"},
+                  teacher={"runs": [mlp_teacher]}, optim={"epochs": 1, "batch_size": 64},
+                  distill={"method": "crd", "options": {"nce_k": 16}})
+    done = _run(crd, tmp_path, 2, expect_ok=False)
+    assert done.returncode != 0 and "distill.method=crd" in done.stderr and "no torchrun" in done.stderr
+    assert not crd.run_dir().exists()
