@@ -23,6 +23,12 @@ def _cmd_train(args) -> int:
 
         print(describe_config())
         return 0
+    if not args.config and not args.overrides:  # the defaults alone are no run anybody wants
+        from .recipes import list_example_configs
+
+        examples = ", ".join(p.stem for p in list_example_configs())
+        raise_usage(f"train needs a config: a YAML file or a packaged example ({examples}; `kdlab configs`), "
+                    "and/or key=value settings, e.g. `kdlab train teacher-mnist1d`")
     if args.config:  # a YAML path, or a packaged example by name (`kdlab configs`)
         from .recipes import resolve_config_path
 
@@ -31,7 +37,7 @@ def _cmd_train(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    result = train(cfg, progress=not args.no_progress)
+    result = train(cfg, progress=not args.no_progress, epoch_log=print if args.no_progress else None)
     if result is None or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
     final = result["final"]
@@ -50,6 +56,23 @@ def _cmd_configs(args) -> int:
         first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
         print(f"{path.stem:20s} {first}")
     print("\nkdlab train NAME [key=value ...] trains one; kdlab configs NAME > my.yaml copies it")
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from pathlib import Path
+
+    from .run_list import format_rows, list_runs
+
+    rows = list_runs([Path(f) for f in (args.folders or ["runs"])])
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=1))
+    elif rows:
+        print(format_rows(rows))
+    else:
+        print("no run dirs there (a run dir holds config.yaml)")
     return 0
 
 
@@ -178,19 +201,37 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"kdlab: error: {message.splitlines()[0]} (see {hint})\n")
 
 
+def _version() -> str:
+    """kdlab's version and torch's, without importing torch (``kdlab --version`` stays instant)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"kdlab {__version__} (torch {torch}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdlab", description="knowledge distillation and label smoothing")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a teacher, or a student when the config has a teacher section")
     p.add_argument("config", nargs="?", help="YAML config (defaults apply to what it leaves out)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.tau=inf optim.epochs=10")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a line per epoch instead")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("configs", help="list the example configs (`kdlab train NAME` trains one), or print one")
     p.add_argument("name", nargs="?", help="print this example's YAML")
     p.set_defaults(func=_cmd_configs)
+    p = sub.add_parser("runs", help="list run dirs: model, data, objective, teacher, state, accuracy")
+    p.add_argument("folders", nargs="*", help="folders holding run dirs, or run dirs (default runs/)")
+    p.add_argument("--json", action="store_true", help="the rows as JSON")
+    p.set_defaults(func=_cmd_runs)
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("--timm", metavar="PATTERN", help="list timm's architectures matching a glob, e.g. 'resnet*'")
     p.add_argument("--layers", metavar="NAME", help="a model's modules with their output shapes (tap points for "

@@ -16,6 +16,7 @@ installed wheel has them as an editable checkout does.
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import itertools
 from dataclasses import dataclass, field
@@ -161,7 +162,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = ", ".join(p.stem for p in list_recipes()) or f"none (no recipes in {RECIPE_DIR})"
-        raise ConfigError(f"unknown recipe {str(name_or_path)!r}; known: {known}")
+        close = difflib.get_close_matches(str(name_or_path), [p.stem for p in list_recipes()], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown recipe {str(name_or_path)!r}{hint}; known: {known}")
     try:
         recipe = Recipe.model_validate(yaml_load(path.read_text(encoding="utf-8")))
     except ValidationError as err:
@@ -246,17 +249,33 @@ def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",
                 start = _start_run(recipe.id, stage, by_stage, labels, seed)
                 if start is not None:
                     data["model"] = {**(data.get("model") or {}), "init_run": str(start.run_dir)}
+                before = data
                 data = apply_overrides(data, [s for s in settings
                                               if teachers or data.get("teacher") or not s.startswith("teacher.")])
+                data = _rescale_milestones(before, data, settings)
                 try:
                     config = build_config(data)
                 except ConfigError as err:
-                    raise ConfigError(f"recipe {recipe.id}, stage {stage.name}, {labels}: {err}") from None
+                    where = "".join(f", {k}={v}" for k, v in labels.items())
+                    raise ConfigError(f"recipe {recipe.id}, stage {stage.name}{where}, seed {seed}: {err}") from None
                 stage_runs.append(RunSpec(stage.name, labels, seed, config, teachers, start, stage.analyze,
                                           stage.projections))
         by_stage[stage.name] = stage_runs
         runs += stage_runs
     return runs
+
+
+def _rescale_milestones(before: dict, after: dict, settings) -> dict:
+    """``--set optim.epochs=N`` on a multistep schedule moves its lr drops with it (Kim's 50%/75%
+    stay 50%/75% of the new length), unless ``optim.milestones`` is set too."""
+    keys = {s.split("=", 1)[0].strip() for s in settings}
+    old_optim, new_optim = before.get("optim") or {}, after.get("optim") or {}
+    old, new = old_optim.get("epochs"), new_optim.get("epochs")
+    if "optim.epochs" not in keys or "optim.milestones" in keys or not old or not new or old == new \
+            or new_optim.get("schedule", "multistep") != "multistep" or "milestones" not in new_optim:
+        return after
+    milestones = sorted({max(1, round(m * new / old)) for m in new_optim["milestones"]})
+    return {**after, "optim": {**new_optim, "milestones": milestones}}
 
 
 def _start_run(recipe_id: str, stage: Stage, by_stage: dict, labels: dict, seed: int) -> Optional[RunSpec]:

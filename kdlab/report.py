@@ -323,10 +323,14 @@ def write_report(directory: str | Path, log=print) -> dict:
 
 def _info_lines(info: dict) -> list[str]:
     hw = info["hardware"]
-    return [f"Scale: {info['scale']} — {info['note']}",
+    settings = info.get("settings") or []
+    keys = {s.split("=", 1)[0].strip() for s in settings}
+    moved = " (multistep lr drops moved with optim.epochs, at the same fractions of training)" \
+        if "optim.epochs" in keys and "optim.milestones" not in keys else ""
+    return [f"Scale: {info['scale']} — {info['note']}" + (" — changed by the settings below" if settings else ""),
             f"Runs: {info['runs_finished']}/{info['runs_total']} finished; training time {info['train_time_s'] / 60:.1f} min; "
             f"sweep wall time {(info['sweep_wall_time_s'] or 0) / 60:.1f} min"
-            + (f"; settings for every run: {' '.join(info['settings'])}" if info.get("settings") else ""),
+            + (f"; settings for every run: {' '.join(settings)}{moved}" if settings else ""),
             f"Hardware: {hw['cpu']}, {hw['cores']} cores" + (f", {hw['cuda']}" if hw["cuda"] else "") +
             f"; torch {hw['torch']}, Python {hw['python']}; generated {info['generated_at']}"]
 

@@ -225,7 +225,8 @@ def load_finished_model(run_dir: Path, num_classes: int | None = None, input_sha
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"teacher run dir {run_dir} does not exist")
+        raise ConfigError(f"teacher run dir {run_dir} does not exist: train the teacher first (its config with "
+                          f"the same out_dir; teacher.runs=[config:NAME] names the run dir NAME trains)")
     cfg = load_run_config(run_dir)
     if not (run_dir / "result.json").is_file():
         raise RunError(f"run {run_dir} is not finished (no result.json): train it first")

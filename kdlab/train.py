@@ -49,7 +49,7 @@ from .training.teachers import Teachers
 
 
 def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = None,
-          log=print, wait_for_lock: bool = False, stop_after_step: int | None = None) -> dict | None:
+          log=print, wait_for_lock: bool = False, stop_after_step: int | None = None, epoch_log=None) -> dict | None:
     """Train the run ``cfg`` describes; return its result dict.
 
     ``stop_after_epoch`` ends the call after that many epochs in total, as a kill would
@@ -57,7 +57,9 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     ``stop_after_step`` does the same at the first checkpoint within an epoch at or after
     that global step (``checkpoint_every_steps`` sets where they are).
     ``wait_for_lock``: when another process trains this run, wait for it (and then
-    return its result) instead of failing.
+    return its result) instead of failing. ``epoch_log``: a callable given one line per epoch
+    (loss, training accuracy, the latest evaluation and the epoch it was taken at, speed):
+    what `kdlab train --no-progress` prints instead of the bar.
     """
     ctx = context_from_env(cfg.device)
     if not ctx.main:  # rank 0 speaks for the run
@@ -109,7 +111,7 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
                      f"`kdlab translate {run_dir} --beam N ...` decodes it again without training")
             return finished
         return _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log, closers,
-                             stop_after_step, ctx)
+                             stop_after_step, ctx, epoch_log if ctx.main else None)
     except BaseException:
         # writers closed first (TensorBoard's flushes into the run dir: closing it after the
         # dir is gone would raise instead of the error that stopped the run), then nothing to
@@ -182,7 +184,7 @@ def _prepare(cfg, run_dir, device, data, teachers, ctx, log):
 
 
 def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_after_epoch, log, closers,
-                  stop_after_step=None, ctx=SINGLE):
+                  stop_after_step=None, ctx=SINGLE, epoch_log=None):
     """Set up the run's state and distiller, then the loop, for every rank of a
     multi-process run (``ctx``); rank 0 alone writes."""
     checkpoint, processes = _prepare(cfg, run_dir, device, data, teachers, ctx, log)
@@ -213,4 +215,5 @@ def _train_locked(cfg, run_dir, device, data, teachers, probe, progress, stop_af
             torch.manual_seed((cfg.seed + 1) * 1_000_003 + ctx.rank)
     loop = Loop(cfg, run_dir, data, state, distiller, train_module, teachers, ctx, checkpoint, probe, bf16, processes,
                 closers, log)
+    loop.epoch_log = epoch_log
     return loop.fit(progress, stop_after_epoch, stop_after_step)

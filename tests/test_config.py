@@ -59,3 +59,12 @@ def test_hash_names_teachers_by_run_dir_name_not_location():
     b = build_config({}, ["loss.alpha=1", "teacher.runs=[/elsewhere/teacher-1234abcd]"])
     c = build_config({}, ["loss.alpha=1", "teacher.runs=[/a/runs/teacher-99999999]"])
     assert a.run_hash() == b.run_hash() != c.run_hash()
+
+
+def test_one_teacher_run_needs_no_brackets():
+    """teacher.runs=runs/teacher-1234 is the list of that one run (it was "Input should be a valid list")."""
+    from kdlab.config import load_config
+
+    cfg = load_config(None, ["loss.alpha=1", "teacher.runs=runs/teacher-1234"])
+    assert cfg.teacher.runs == ["runs/teacher-1234"]
+    assert cfg.run_hash() == load_config(None, ["loss.alpha=1", "teacher.runs=[runs/teacher-1234]"]).run_hash()

@@ -379,7 +379,8 @@ def test_check_data_source_unset_or_missing_root(tmp_path):
     with pytest.raises(DataError) as info:
         check_data_source(DataConfig(name="cifar100"))
     assert str(info.value) == ("cifar100: data.root is not set (a folder of the CIFAR-100 python pickles: train, "
-                               "test); set it, e.g. --set data.root=/path/to/cifar-100-python")
+                               "test); set it: `kdlab train ... data.root=/path/to/cifar-100-python`, or "
+                               "`kdlab reproduce ... --set data.root=/path/to/cifar-100-python`")
     with pytest.raises(DataError, match=r"^mnist: data.root is not set \(a folder of the IDX files: "
                                         r"train-images-idx3-ubyte, .*each optionally .gz\); set it"):
         check_data_source(DataConfig(name="mnist"))

@@ -6,6 +6,7 @@ import pytest
 
 from kdlab.cli import main
 from kdlab.errors import ConfigError
+from kdlab.config import load_config
 from kdlab.recipes import (CONFIG_DIR, RECIPE_DIR, Recipe, example_config_path, expand, list_example_configs,
                            list_recipes, load_recipe, resolve_config_path)
 
@@ -221,3 +222,26 @@ def test_kim_table3_second_stages_start_from_their_first(tmp_path):
             assert run.config.model.init_run == str(start.run_dir)
         else:
             assert run.config.model.init_run is None
+
+
+def test_example_student_names_its_teacher_by_config_and_train_needs_a_config(tmp_path, monkeypatch, capsys):
+    """student-mnist1d's teacher is `config:teacher-mnist1d`: the run dir that config trains
+    (under the student's out_dir), so the two examples work in order as shipped."""
+    out = str(tmp_path / "runs")
+    student = load_config(example_config_path("student-mnist1d"), [f"out_dir={out}"])
+    teacher = load_config(example_config_path("teacher-mnist1d"), [f"out_dir={out}"])
+    assert student.teacher.runs == [str(teacher.run_dir())]
+    yaml_path = tmp_path / "my-teacher.yaml"
+    yaml_path.write_text("name: mine\nmodel: {name: mlp-8}\nout_dir: elsewhere\n")
+    mine = load_config(None, ["loss.alpha=1", f"teacher.runs=[config:{yaml_path}]", f"out_dir={out}"])
+    assert mine.teacher.runs == [str(Path("elsewhere") / Path(mine.teacher.runs[0]).name)]  # its own out_dir
+    with pytest.raises(ConfigError, match="teacher.runs: config:nope: config file nope not found .*student-mnist1d, teacher-mnist1d"):
+        load_config(None, ["loss.alpha=1", "teacher.runs=[config:nope]"])
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 2
+    assert "train needs a config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as version:
+        main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out.startswith("kdlab 0.1.0 (torch ")
+    assert main(["train", "student-mnist1d", "--no-progress", f"out_dir={out}"]) == 2
+    assert "train the teacher first" in capsys.readouterr().err

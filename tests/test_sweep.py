@@ -179,6 +179,12 @@ def test_settings_apply_to_every_run_and_reach_the_report(tiny_recipe, tmp_path)
     assert bf16[0].config.teacher is None and all(r.config.teacher.cache.mode == "full" for r in bf16[1:])
     with pytest.raises(Exception, match="unknown config key 'optimizer'"):
         expand(recipe, "quick", tmp_path, ["optimizer.lr=1"])
+    # a shorter schedule keeps its shape: Kim's drops at 50% and 75% move with optim.epochs
+    kim = load_recipe("kim-logits")
+    assert {tuple(r.config.optim.milestones) for r in expand(kim, "quick", tmp_path)} == {(50, 75)}
+    assert {tuple(r.config.optim.milestones) for r in expand(kim, "quick", tmp_path, ["optim.epochs=10"])} == {(5, 8)}
+    assert {tuple(r.config.optim.milestones)
+            for r in expand(kim, "quick", tmp_path, ["optim.epochs=10", "optim.milestones=[3]"])} == {(3,)}
 
     out = tmp_path / "sweep"
     assert main(["sweep", str(tiny_recipe), "--out", str(out), "--no-progress", "--workers", "2", "--threads", "1",

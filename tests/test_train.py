@@ -231,3 +231,44 @@ def test_loss_parts_are_logged_and_sum_to_the_loss(tmp_path, teacher, kind, loss
     for key in parts:
         tag = "train/" + key.removeprefix("train_")
         assert [s.value for s in events.Scalars(tag)] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+
+
+def test_no_progress_prints_a_line_per_epoch_with_the_latest_evaluation(tmp_path, capsys):
+    """A batch job (`--no-progress`) gets one line per epoch; epochs without evaluation show the
+    latest one and when it was taken (the bar showed test_acc=nan there), validation first."""
+    from kdlab.cli import main
+
+    assert main(["train", "--no-progress", "data.name=digits", "data.val_size=200", "model.name=mlp-16",
+                 "optim.epochs=4", "eval_every=2", f"out_dir={tmp_path}"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if " epoch " in l]
+    assert len(lines) == 4 and all(f"epoch {e}/4: loss " in l for e, l in zip((1, 2, 3, 4), lines))
+    assert "val_acc" not in lines[0] and "val_acc" in lines[1] and "(epoch" not in lines[1]
+    assert lines[2].split("val_acc ")[1].startswith(lines[1].split("val_acc ")[1].split(",")[0] + " (epoch 2)")
+    assert "test_acc" not in "".join(lines) and "train_acc" in lines[0]
+
+
+def test_runs_command_tells_the_runs_apart(tmp_path, capsys):
+    """`kdlab runs` names each run's objective in words (student-<hash> dirs alike otherwise),
+    its teacher, its state and accuracy; an unfinished run is listed as such."""
+    import json
+
+    from kdlab.cli import main
+
+    base = ["--no-progress", "data.name=digits", "data.val_size=200", "optim.epochs=1", f"out_dir={tmp_path}"]
+    assert main(["train", *base, "name=teacher", "model.name=mlp-32"]) == 0
+    (teacher,) = tmp_path.glob("teacher-*")
+    for extra in (["loss.alpha=1", "loss.tau=4"], ["loss.alpha=1", "loss.kd=mse", "loss.mse_reduction=mean"],
+                  ["loss.smoothing=0.1"]):
+        assert main(["train", *base, "name=student", "model.name=mlp-16", f"teacher.runs={teacher}", *extra]) == 0
+    (tmp_path / "student-unfinished").mkdir()
+    (tmp_path / "student-unfinished" / "config.yaml").write_text((teacher / "config.yaml").read_text())
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    objectives = sorted(r["objective"] for r in rows.values())
+    assert objectives == ["CE", "CE", "KL τ=4 α=1", "LS ε=0.1", "MSE α=1"]
+    assert rows["student-unfinished"]["state"] == "started" and rows[teacher.name]["state"] == "finished"
+    assert all(r["teachers"] == [teacher.name] for r in rows.values() if r["objective"] in ("KL τ=4 α=1", "MSE α=1"))
+    assert main(["runs", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "KL τ=4 α=1" in table and "finished (1 ep)" in table

@@ -43,12 +43,30 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def _close_key(dotted: str) -> str:
+    """" (did you mean optim.epochs?)" for a misspelt dotted key, from the config's own fields."""
+    import difflib
+
+    from pydantic import BaseModel
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            yield prefix + name
+            kind = field.annotation
+            for candidate in (kind, *getattr(kind, "__args__", ())):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    yield from keys(candidate, f"{prefix}{name}.")
+
+    close = difflib.get_close_matches(dotted, list(keys(Config)), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
-        return f"unknown config key '{loc}'"
+        return f"unknown config key '{loc}'{_close_key(loc)}"
     msg = msg.removeprefix("Value error, ")
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"config key '{loc}': {msg}{more}" if loc else f"config: {msg}{more}"
@@ -101,8 +119,45 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+CONFIG_REF = "config:"
+
+
+def _resolve_teacher_configs(data: dict, depth: int = 0) -> dict:
+    """``teacher.runs`` entries ``config:NAME`` (a packaged example, `kdlab configs`, or a YAML
+    path) name the run dir that config trains — a run dir is a function of its config — under
+    this config's ``out_dir`` unless that config sets its own."""
+    teacher = data.get("teacher")
+    runs = teacher.get("runs") if isinstance(teacher, dict) else None
+    runs = [runs] if isinstance(runs, str) else runs  # (one teacher, given without brackets)
+    if not isinstance(runs, list) or not any(isinstance(r, str) and r.startswith(CONFIG_REF) for r in runs):
+        return data
+    if depth > 4:
+        raise ConfigError("teacher.runs: config: references nest more than 4 deep (a cycle?)")
+    from ..recipes import resolve_config_path  # (recipes import this module)
+
+    resolved = []
+    for run in runs:
+        if isinstance(run, str) and run.startswith(CONFIG_REF):
+            try:
+                path = resolve_config_path(run[len(CONFIG_REF):])
+            except ConfigError as err:
+                raise ConfigError(f"teacher.runs: {run}: {err}") from None
+            try:
+                referenced = yaml_load(path.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, OSError, UnicodeDecodeError):
+                raise ConfigError(f"teacher.runs: {run}: {path} is not a readable YAML config") from None
+            if "out_dir" in data and "out_dir" not in referenced:
+                referenced = {**referenced, "out_dir": data["out_dir"]}
+            try:
+                run = str(build_config(_resolve_teacher_configs(referenced, depth + 1)).run_dir())
+            except ConfigError as err:
+                raise ConfigError(f"teacher.runs: {run}: {err}") from None
+        resolved.append(run)
+    return {**data, "teacher": {**teacher, "runs": resolved}}
+
+
 def build_config(data: dict | None = None, overrides: list[str] | None = None) -> Config:
-    data = apply_overrides(data or {}, overrides or [])
+    data = _resolve_teacher_configs(apply_overrides(data or {}, overrides or []))
     try:
         return Config.model_validate(data)
     except ValidationError as err:

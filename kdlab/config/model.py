@@ -185,6 +185,8 @@ class Config(_Strict):
         for key, off in (("warmup_epochs", 0), ("ema_decay", None), ("accumulate", 1)):  # newer than existing run dirs:
             if payload["optim"][key] == off:  # off = the old hash
                 del payload["optim"][key]
+        if self.loss.kd != "mse" and payload["loss"]["mse_reduction"] == "mean":
+            payload["loss"]["mse_reduction"] = "sum"  # (unused by KL; the old default keeps KL runs' hashes)
         if payload["bf16"] is None:  # auto: the hash of the old default (false), as the device is not hashed
             payload["bf16"] = False
         if not payload["sync_batchnorm"]:

@@ -84,9 +84,10 @@ def _check_model_name(name: str) -> str:
     import torch
 
     from ..models import _FAMILIES, build_model
+    from ..models.registry import suggest_model
 
     if not any(regex.match(name) for regex, *_ in _FAMILIES.values()):
-        raise ValueError(f"unknown model {name!r} (see `kdlab models`)")
+        raise ValueError(f"unknown model {name!r}{suggest_model(name)} (see `kdlab models`)")
     with torch.device("meta"):  # sizes the family cannot build (wrn-3-2, mlp-0); shapes only, no memory
         build_model(name, 10)
     return name
@@ -167,7 +168,9 @@ class LossConfig(_Strict):
     kd: Literal["kl", "mse"] = "kl"
     tau: float = Field(4.0, description="KL temperature τ > 0; inf for the τ→∞ limit")
     kl_scaling: Literal["tau2", "max", "none"] = "tau2"
-    mse_reduction: Literal["sum", "mean", "half_sum"] = "sum"
+    mse_reduction: Literal["sum", "mean", "half_sum"] = Field(
+        "mean", description="loss.kd=mse: mean over batch and classes (nn.MSELoss, Kim's code; the default), sum "
+        "(‖z_s − z_t‖² per sample, Kim Eq. 9: K times larger steps), half_sum (½‖·‖², Müller A.5)")
     smoothing: float = Field(0.0, ge=0.0, le=1.0, description="label smoothing of the CE targets")
     smoothing_mode: Literal["uniform", "others"] = "uniform"
 
@@ -229,6 +232,11 @@ class TeacherConfig(_Strict):
         [], description="teachers from plain weights files, [{model: NAME, path: FILE}]; join the runs' ensemble")
     cache: TeacherCacheConfig = TeacherCacheConfig()
     store: TeacherStoreConfig = TeacherStoreConfig()
+
+    @field_validator("runs", mode="before")
+    @classmethod
+    def _one_run(cls, value):  # teacher.runs=runs/teacher-1234: one teacher, without the brackets
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _some_teacher(self):

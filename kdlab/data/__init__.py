@@ -147,8 +147,9 @@ def _data_root(cfg) -> Path:
             return FASHION_MNIST_DEBIAN_DIR
         raise DataError(f"fashion-mnist: data.root is not set and Debian's copy is not at {FASHION_MNIST_DEBIAN_DIR}; "
                         f"`apt-get install dataset-fashion-mnist` or set data.root ({layout.describe()})")
-    raise DataError(f"{cfg.name}: data.root is not set ({layout.describe()}); set it, "
-                    f"e.g. --set data.root=/path/to/{layout.folder or cfg.name}")
+    folder = f"/path/to/{layout.folder or cfg.name}"
+    raise DataError(f"{cfg.name}: data.root is not set ({layout.describe()}); set it: `kdlab train ... "
+                    f"data.root={folder}`, or `kdlab reproduce ... --set data.root={folder}`")
 
 
 def check_data_source(cfg) -> None:

@@ -37,7 +37,9 @@ def build_model(
         match = regex.match(name)
         if match:
             return fn(match, num_classes=num_classes, in_channels=in_channels, input_shape=input_shape)
-    raise ValueError(f"unknown model {name!r}; known families: {', '.join(_FAMILIES)}")
+    from .registry import suggest_model
+
+    raise ValueError(f"unknown model {name!r}{suggest_model(name)}; known families: {', '.join(_FAMILIES)}")
 
 
 CHECK_ON_CPU_PARAMS = 5_000_000  # 20 MB of float32: allocated, not initialised

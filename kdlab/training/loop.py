@@ -107,6 +107,8 @@ class Loop:
         TensorBoard writer) is appended, for the caller to close however the run ends."""
         self.cfg, self.run_dir, self.data, self.state, self.ctx = cfg, run_dir, data, state, ctx
         self.distiller, self.train_module, self.processes, self.log = distiller, train_module, processes, log
+        self.epoch_log = None  # a callable for one line per epoch (`kdlab train --no-progress`)
+        self.last_eval: dict = {}  # metric -> (value, epoch) of the latest evaluation, for the bar
         opt = cfg.optim
         self.steps_per_epoch = data.steps_per_epoch(opt.batch_size)
         self.accumulate = opt.accumulate
@@ -149,14 +151,34 @@ class Loop:
                 except Stop:
                     return None
                 self.end_of_epoch(progress_)
-                bar.set_postfix(loss=f"{self.record['train_loss']:.3f}",
-                                test_acc=f"{self.record.get('test_acc', float('nan')):.3f}",
-                                **{self.task.bar_key: f"{self.record[self.task.speed_key]:.0f}"})
+                shown = self._epoch_summary(epoch + 1)
+                bar.set_postfix(shown, refresh=False)
+                if self.epoch_log is not None:  # (a batch job without the bar: a line per epoch)
+                    self.epoch_log(f"{self.run_dir.name} epoch {epoch + 1}/{epochs}: "
+                                   + ", ".join(f"{k} {v}" for k, v in shown.items()))
                 if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < epochs:
                     self.distiller.finish(self.ctx.main)
                     return None
         self.distiller.finish(self.ctx.main)
         return self.finish(progress)
+
+    def _epoch_summary(self, epoch: int) -> dict:
+        """What the bar (and a line per epoch) shows: the epoch's loss and training accuracy, the
+        latest evaluation — validation accuracy when the run has a validation split, else test
+        accuracy — with the epoch it was taken at (most epochs are not evaluated), and speed."""
+        record = self.record
+        for key in ("val_acc", "test_acc"):
+            if key in record:
+                self.last_eval[key] = (record[key], epoch)
+        shown = {"loss": f"{record['train_loss']:.3f}"}
+        if "train_acc" in record:
+            shown["train_acc"] = f"{record['train_acc']:.3f}"
+        key = "val_acc" if "val_acc" in self.last_eval else "test_acc"
+        if key in self.last_eval:
+            value, at = self.last_eval[key]
+            shown[key] = f"{value:.3f}" + (f" (epoch {at})" if at != epoch else "")
+        shown[self.task.bar_key] = f"{record[self.task.speed_key]:.0f}"
+        return shown
 
     def epoch(self, epoch: int) -> EpochProgress:
         """One epoch's batches (a resumed epoch draws the batches done again and skips them)."""
