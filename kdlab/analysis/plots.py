@@ -1,4 +1,4 @@
-"""Figures (matplotlib, Agg backend): reliability diagrams, template projections,
+"""Figures (matplotlib's object API, no pyplot): reliability diagrams, template projections,
 logit-sum histograms, densities. Each function writes PNG and SVG next to each other
 and returns the PNG path."""
 
@@ -9,17 +9,31 @@ from pathlib import Path
 import numpy as np
 
 
+class _Figures:
+    """The two pyplot calls kdlab makes, on matplotlib's object API: figures are drawn and
+    saved without pyplot's global state or a process-wide backend switch (a notebook keeps
+    its inline plots)."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, figsize=None, **kwargs):
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=figsize)
+        return figure, figure.subplots(nrows, ncols, **kwargs)
+
+    @staticmethod
+    def close(figure) -> None:
+        """(nothing to release: the figure was never registered with pyplot)"""
+
+
 def _plt():
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         from ..errors import KdlabError
 
         raise KdlabError("figures need matplotlib: pip install 'kdlab[analysis]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Figures
 
 
 def _save(fig, path: Path) -> Path:
