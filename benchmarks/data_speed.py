@@ -19,9 +19,10 @@ photographs, not noise, which decodes slower); ``--root`` measures a real folder
    row shows the store's own cost; a real teacher adds its forward time (ResNet-152 on
    a GPU, for Kim's Table 5).
 
-torchvision.io is the other decoder the issue names; torchvision's wheels do not import
-beside this project's torch 2.13.0 CPU build here, so Pillow is the one measured (and
-used). Prints a table and writes benchmarks/results/data_speed.json.
+6. Pillow against torchvision.io (``decode_jpeg`` + ``resized_crop``), same files and view,
+   when torchvision imports beside the installed torch. kdlab decodes with Pillow.
+
+Prints a table and writes benchmarks/results/data_speed.json.
 """
 
 from __future__ import annotations
@@ -76,6 +77,42 @@ def per_core(data, count: int, train_view: bool) -> float:
     for k in range(count):
         dataset[("train", k % n, rows[k] if train_view else None)]
     return count / (time.perf_counter() - started)
+
+
+def decoders(root: Path, count: int) -> list[tuple[str, float]]:
+    """Pillow (kdlab's decoder) against torchvision.io on the same files and the same view:
+    decode, then a 224×224 bilinear resize of the evaluation's centre box, 1 core each. An empty
+    list when torchvision does not import beside the installed torch."""
+    from PIL import Image
+
+    from kdlab.data.imagefolder import centre_box
+
+    try:
+        import torchvision.io as tvio
+        import torchvision.transforms.v2.functional as TF
+    except Exception:  # (e.g. PyPI's torchvision beside torch 2.13.0's CPU file: operator ... does not exist)
+        return []
+    paths = sorted(root.rglob("*.jpg"))[:count]
+
+    def with_pillow(path):
+        with Image.open(path) as image:
+            box = centre_box(*image.size, 256, 224)
+            return np.asarray(image.convert("RGB").resize((224, 224), Image.BILINEAR, box=box))
+
+    def with_torchvision(path):
+        image = tvio.decode_jpeg(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
+        left, top, right, bottom = centre_box(image.shape[2], image.shape[1], 256, 224)
+        return TF.resized_crop(image, round(top), round(left), round(bottom - top), round(right - left), [224, 224],
+                               antialias=True)
+
+    rows = []
+    for name, fn in (("Pillow", with_pillow), ("torchvision.io", with_torchvision)):
+        fn(paths[0])  # warm-up
+        started = time.perf_counter()
+        for path in paths:
+            fn(path)
+        rows.append((f"decode + resize to 224 (eval box), {name}, 1 core", len(paths) / (time.perf_counter() - started)))
+    return rows
 
 
 def with_normalise(data, count: int, batch: int = 64) -> float:
@@ -148,6 +185,7 @@ def main() -> None:
         rows = [("decode + RandomResizedCrop 224 + flip, 1 core", per_core(data, count, True)),
                 ("  + normalise (batches of 64), 1 core", with_normalise(data, count)),
                 ("decode + resize 256 + centre crop 224 (eval), 1 core", per_core(data, count, False))]
+        rows += decoders(root, count)
         for workers in (int(w) for w in args.workers.split(",")):
             rate = through_loader(cfg, workers, 1 if args.quick else 2)
             rows.append((f"kdlab loader epoch, {workers} worker process(es)", rate))

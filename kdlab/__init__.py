@@ -9,7 +9,7 @@ The Python API (``kdlab.api``, loaded on first use so that ``import kdlab`` stay
     loss = kdlab.KDLoss(alpha=1.0, tau=4.0)(student_logits, teacher_logits, labels)
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (re-exported)
 
 __all__ = ["Config", "ConfigError", "KDLoss", "KLDivergence", "LogitMSE", "Run", "build_model", "fit", "kd_loss",
            "list_models", "load_run", "make_config"]

@@ -40,7 +40,7 @@ def make_config(source: Config | dict | str | Path | None = None, overrides: Ite
         return build_config(source, overrides)
     if source is None:
         return build_config({}, overrides)
-    from .recipes import resolve_config_path
+    from .examples import resolve_config_path
 
     return load_config(resolve_config_path(source), overrides)
 

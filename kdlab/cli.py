@@ -24,13 +24,13 @@ def _cmd_train(args) -> int:
         print(describe_config())
         return 0
     if not args.config and not args.overrides:  # the defaults alone are no run anybody wants
-        from .recipes import list_example_configs
+        from .examples import list_example_configs
 
         examples = ", ".join(p.stem for p in list_example_configs())
         raise_usage(f"train needs a config: a YAML file or a packaged example ({examples}; `kdlab configs`), "
                     "and/or key=value settings, e.g. `kdlab train teacher-mnist1d`")
     if args.config:  # a YAML path, or a packaged example by name (`kdlab configs`)
-        from .recipes import resolve_config_path
+        from .examples import resolve_config_path
 
         args.config = resolve_config_path(args.config)
     cfg = load_config(args.config, args.overrides)
@@ -47,7 +47,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_configs(args) -> int:
-    from .recipes import example_config_path, list_example_configs
+    from .examples import example_config_path, list_example_configs
 
     if args.name:
         print(example_config_path(args.name).read_text(encoding="utf-8"), end="")
@@ -205,7 +205,7 @@ def _version() -> str:
     """kdlab's version and torch's, without importing torch (``kdlab --version`` stays instant)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .version import __version__
 
     try:
         torch = version("torch")

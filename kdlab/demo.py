@@ -98,8 +98,26 @@ def format_table(summary: list[dict], teacher: dict) -> str:
     return "\n".join(lines)
 
 
+def _lead(best: dict, summary: list[dict]) -> str:
+    """Whether the best mean's lead over the runner-up is resolved, by the recipes' paired rule:
+    ahead in every seed, or a mean paired difference beyond twice its standard error."""
+    others = [s for s in summary if s is not best]
+    if not others:
+        return ""
+    second = max(others, key=lambda s: s["acc_mean"])
+    seeds = sorted(set(best["acc_by_seed"]) & set(second["acc_by_seed"]))
+    diffs = np.array([best["acc_by_seed"][k] - second["acc_by_seed"][k] for k in seeds])
+    if len(diffs) < 2:
+        return f", ahead of {second['label']} on one seed only (not resolved)"
+    se = float(diffs.std(ddof=1) / np.sqrt(len(diffs)))
+    resolved = bool((diffs > 0).all() or diffs.mean() > 2 * se)
+    return (f", ahead of {second['label']} by {diffs.mean():+.2f} ± {se:.2f} points paired over {len(diffs)} seeds: "
+            + ("resolved" if resolved else "not resolved, so no single best objective here"))
+
+
 def reading(summary: list[dict], teacher: dict) -> str:
-    """One line: the gap, the best objective, which objectives beat CE in every seed."""
+    """One line: the gap, the highest mean and whether its lead is resolved, which objectives
+    beat CE in every seed."""
     ce = next(s for s in summary if s["label"] == "CE")
     gap = 100 * teacher["final"]["test_acc"] - ce["acc_mean"]
     best = max(summary, key=lambda s: s["acc_mean"])
@@ -108,11 +126,11 @@ def reading(summary: list[dict], teacher: dict) -> str:
     if gap <= 0:
         return (f"Reading: the CE student is not below the teacher here ({-gap:.1f} points above), so there is no "
                 "gap for distillation to close.")
-    line = (f"Reading: the teacher is {gap:.1f} points above the CE student; {best['label']} is best "
+    line = (f"Reading: the teacher is {gap:.1f} points above the CE student; {best['label']} has the highest mean "
             f"({best['acc_mean']:.1f}%")
     if best["label"] != "CE" and best["gap_closed"] is not None:
         line += f", {100 * best['gap_closed']:.0f}% of the gap closed"
-    line += ")"
+    line += ")" + _lead(best, summary)
     line += f"; better than CE in every seed: {', '.join(always) if always else 'none'}"
     if never:
         line += f"; worse than CE in every seed: {', '.join(never)}"

@@ -17,7 +17,6 @@ installed wheel has them as an editable checkout does.
 from __future__ import annotations
 
 import difflib
-import importlib.resources
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .config import Config, apply_overrides, build_config, merge_dicts as _merge, yaml_load, yaml_problem
 from .errors import ConfigError
+from .examples import CONFIG_DIR, assets, example_config_path, list_example_configs, resolve_config_path  # noqa: F401
 
 
-def _assets(kind: str) -> Path:
-    """A folder of packaged YAMLs (``recipes`` or ``configs``). pip installs packages as
-    files, so the resource is a real directory; a zip import is not supported."""
-    return Path(str(importlib.resources.files("kdlab").joinpath("assets", kind)))
-
-
-RECIPE_DIR = _assets("recipes")
-CONFIG_DIR = _assets("configs")
+RECIPE_DIR = assets("recipes")
 
 
 class _Strict(BaseModel):
@@ -173,36 +166,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({yaml_problem(err)})") from None
     return recipe
-
-
-def list_example_configs() -> list[Path]:
-    """The packaged example run configs (``kdlab configs``)."""
-    return sorted(CONFIG_DIR.glob("*.yaml"))
-
-
-def example_config_path(name: str | Path) -> Path:
-    """The packaged example config ``name`` (``teacher-mnist1d``, with or without
-    ``.yaml``, or as the old checkout path ``configs/teacher-mnist1d.yaml``)."""
-    path = Path(name)
-    stem = path.stem if path.suffix == ".yaml" else path.name
-    if path.parent in (Path("."), Path("configs")) and stem:
-        candidate = CONFIG_DIR / f"{stem}.yaml"
-        if candidate.is_file():
-            return candidate
-    known = ", ".join(p.stem for p in list_example_configs())
-    raise ConfigError(f"no example config {str(name)!r}; examples: {known}")
-
-
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """``kdlab train CONFIG``: an existing file, else a packaged example by name."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    try:
-        return example_config_path(name_or_path)
-    except ConfigError:
-        known = ", ".join(p.stem for p in list_example_configs())
-        raise ConfigError(f"config file {path} not found (packaged examples, see `kdlab configs`: {known})") from None
 
 
 def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",

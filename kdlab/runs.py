@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from . import __version__
+from .version import __version__
 from .errors import ConfigError, RunError, warn
 from .files import (
     atomic_save_npz,

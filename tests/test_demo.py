@@ -54,5 +54,10 @@ def test_reading_names_the_gap_and_the_objectives_that_always_win():
     kl = next(s for s in summary if s["label"] == "KL τ=4")
     assert abs(kl["gap_closed"] - 5 / 9.5) < 1e-9 and kl["vs_ce_wins"] == 2
     line = reading(summary, teacher)
-    assert "9.5 points" in line and "KL τ=4 is best" in line and "every seed: KL τ=4" in line
+    assert "9.5 points" in line and "KL τ=4 has the highest mean" in line and "every seed: KL τ=4" in line
     assert "worse than CE in every seed: MSE" in line
+    assert "ahead of CE by +5.00 ± 0.00 points paired over 2 seeds: resolved" in line
+    # a lead that changes sign between seeds names no winner
+    rows[2:4] = [{"label": "KL τ=4", "seed": s, "result": run(a)} for s, a in enumerate([0.82, 0.80])]
+    line = reading(summarise(rows, teacher), teacher)
+    assert "KL τ=4 has the highest mean" in line and "not resolved, so no single best objective" in line

@@ -30,7 +30,7 @@ def test_every_recipe_expands_at_both_scales(path, tmp_path):
     assert path.read_text().startswith("#"), "a recipe starts with a header saying what it reproduces"
     for scale in sorted(expected):
         if scale == "paper" and "timm:" in path.read_text() and not TIMM:
-            # timm's ImageNet models: expanded in tests/test_timm.py (make test-timm); here a clear error
+            # timm's ImageNet models: expanded in tests/test_timm.py; where timm is missing, a clear error
             with pytest.raises(ConfigError, match=r"kdlab\[timm\]"):
                 expand(recipe, scale, tmp_path)
             continue

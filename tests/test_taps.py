@@ -1,7 +1,7 @@
 """Layer taps (kdlab/models/taps.py): exactly the named modules' tensors, from forward hooks
 that leave the model's outputs, gradients and batch-norm statistics as they are; the stage taps
-each family declares; ``kdlab models --layers``. The timm test runs in .venv-timm
-(``.venv-timm/bin/python -m pytest tests/test_taps.py``) and is skipped in the main venv."""
+each family declares; ``kdlab models --layers``. The timm test is skipped where timm (and a
+torchvision matching torch) is not installed."""
 
 import copy
 
@@ -307,7 +307,7 @@ def test_timm_resnets_taps_and_stages():
     try:
         import_timm()
     except ValueError:
-        pytest.skip("timm does not load here (the main venv); .venv-timm runs this test")
+        pytest.skip("timm does not load here (pip install 'kdlab[timm]' with a torchvision matching torch)")
     model = _model("timm:resnet18", shape=(3, 64, 64), classes=7)
     rows = {row.name: row for row in list_taps(model, (3, 64, 64))}
     assert rows["net.layer4"][1:3] == ("Sequential", (512, 2, 2))

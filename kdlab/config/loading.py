@@ -133,7 +133,7 @@ def _resolve_teacher_configs(data: dict, depth: int = 0) -> dict:
         return data
     if depth > 4:
         raise ConfigError("teacher.runs: config: references nest more than 4 deep (a cycle?)")
-    from ..recipes import resolve_config_path  # (recipes import this module)
+    from ..examples import resolve_config_path
 
     resolved = []
     for run in runs:
