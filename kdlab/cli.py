@@ -178,10 +178,19 @@ def _cmd_reproduce(args) -> int:
     out = Path(args.out or Path("runs") / f"{recipe.id}-{args.scale}")
     manifest = run_sweep(recipe, args.scale, out, executor=args.executor, workers=args.workers, threads=args.threads,
                          address=args.address, settings=args.settings, progress=not args.no_progress)
-    for run in expand(recipe, args.scale, out, args.settings):
-        if run.analyze and (run.run_dir / "result.json").is_file() and not (run.run_dir / "analysis" / "analysis.json").is_file():
+    todo = [run for run in expand(recipe, args.scale, out, args.settings)
+            if run.analyze and (run.run_dir / "result.json").is_file()
+            and not (run.run_dir / "analysis" / "analysis.json").is_file()]
+    if todo:  # (minutes for a large recipe: say what is happening)
+        from tqdm.auto import tqdm
+
+        print(f"analysing {len(todo)} run(s) for the report", flush=True)
+        for number, run in enumerate(tqdm(todo, desc="analyse", unit="run", disable=args.no_progress), start=1):
             teacher = str(run.teacher_of[0].run_dir) if len(run.teacher_of) == 1 else None
             analyze_run(run.run_dir, teacher, run.projections, n_bootstrap=100, log=lambda *a: None)
+            if args.no_progress:
+                print(f"  analysed {number}/{len(todo)}: {run.describe()}", flush=True)
+    print("writing the report", flush=True)
     write_report(out)
     return 1 if any(r["status"] == "failed" for r in manifest["runs"]) else 0
 

@@ -111,11 +111,13 @@ def test_failed_teacher_skips_its_students(tiny_recipe, tmp_path):
     assert any("corrupt" in l for l in lines)
 
 
-def test_reproduce_cli_runs_sweep_analyze_report(tiny_recipe, tmp_path):
+def test_reproduce_cli_runs_sweep_analyze_report(tiny_recipe, tmp_path, capsys):
     out = tmp_path / "repro"
     assert main(["reproduce", str(tiny_recipe), "--out", str(out), "--no-progress"]) == 0
     analysed = list(out.glob("tiny-student-*/analysis/reliability.png"))
     assert len(analysed) == 4
+    said = capsys.readouterr().out  # the analysis and report stages say what they do
+    assert "analysing 4 run(s)" in said and "analysed 4/4: student[" in said and "writing the report" in said
     assert "Reliability" in (out / "report.md").read_text()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert main(["sweep", "no-such-recipe"]) == 2
