@@ -68,3 +68,22 @@ def test_one_teacher_run_needs_no_brackets():
     cfg = load_config(None, ["loss.alpha=1", "teacher.runs=runs/teacher-1234"])
     assert cfg.teacher.runs == ["runs/teacher-1234"]
     assert cfg.run_hash() == load_config(None, ["loss.alpha=1", "teacher.runs=[runs/teacher-1234]"]).run_hash()
+
+
+def test_auto_name_says_what_the_run_is():
+    """``name: auto`` (the example student's): the run dir's prefix is the objective; the hash
+    holds the literal "auto", so the dir is still a pure function of the config."""
+    from kdlab.config import load_config
+
+    def name(*overrides):
+        return load_config(None, ["name=auto", *overrides]).run_dir().name.rsplit("-", 1)[0]
+
+    teacher = ["teacher.runs=[runs/t-1]"]
+    assert name() == "ce" and name("loss.smoothing=0.1") == "ls0.1"
+    assert name(*teacher, "loss.alpha=1") == "student-kl-tau4"
+    assert name(*teacher, "loss.alpha=1", "loss.tau=inf") == "student-kl-tauinf"
+    assert name(*teacher, "loss.alpha=0.5", "loss.kd=mse") == "student-mse-a0.5"
+    assert name(*teacher, "distill.method=fitnets", "distill.options.variant=hint") == "student-fitnets-hint"
+    assert name(*teacher, "distill.method=ofd") == "student-ofd"
+    cfg = load_config(None, ["name=auto", *teacher, "loss.alpha=1"])
+    assert cfg.run_dir().name.endswith(cfg.run_hash()) and cfg.run_name() == "student-kl-tau4"

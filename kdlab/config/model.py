@@ -34,7 +34,8 @@ _TRANSLATION_DATA_KEYS = ("vocab_size", "max_tokens", "min_words", "max_words", 
 
 
 class Config(_Strict):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.+-]+$", description="prefix of the run dir name")
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.+-]+$", description="prefix of the run dir name; auto: what "
+                      "the run is, e.g. student-kl-tau4, student-mse, student-ofd, ce (the name stays in the hash as auto)")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the model's initialisation and the data order")
     out_dir: str = Field("runs", description="parent directory of run dirs (not part of the hash)")
     data: DataConfig = DataConfig()
@@ -219,8 +220,12 @@ class Config(_Strict):
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
+    def run_name(self) -> str:
+        """The run dir's prefix: ``name``, or with ``name: auto`` what the run is (its objective)."""
+        return self.name if self.name != "auto" else _auto_name(self)
+
     def run_dir(self) -> Path:
-        return Path(self.out_dir) / f"{self.name}-{self.run_hash()}"
+        return Path(self.out_dir) / f"{self.run_name()}-{self.run_hash()}"
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="python")
@@ -252,3 +257,21 @@ def describe_config(model: type[BaseModel] = None, prefix: str = "") -> str:
         text = f"{key} ({kind}, default {default})"
         lines.append(text + (f": {field.description}" if field.description else ""))
     return "\n".join(lines)
+
+
+def _auto_name(cfg: "Config") -> str:
+    """``name: auto``: e.g. ``ce``, ``ls0.1``, ``student-kl-tau4``, ``student-kl-tauinf-a0.5``,
+    ``student-mse``, ``student-ofd``, ``student-fitnets-hint`` (characters of the name pattern only)."""
+    loss, method = cfg.loss, cfg.distill.method
+    plain = f"ls{loss.smoothing:g}" if loss.smoothing else "ce"
+    if cfg.teacher is None:
+        return plain
+    if method != "logit":
+        option = {"fitnets": "variant", "ft": "stage"}.get(method)
+        suffix = f"-{getattr(cfg.distill.settings(), option)}".replace("_", "-") if option else ""
+        return f"student-{method}{suffix}"
+    if loss.alpha == 0:
+        return f"student-{plain}"
+    kd = "mse" if loss.kd == "mse" else f"kl-tau{'inf' if math.isinf(loss.tau) else f'{loss.tau:g}'}"
+    return f"student-{kd}" + (f"-a{loss.alpha:g}" if loss.alpha != 1 else "")
+

@@ -353,7 +353,7 @@ class Loop:
         cfg, data, state, run_dir = self.cfg, self.data, self.state, self.run_dir
         extra = self.task.finish(run_dir, state.model, progress, self.log)
         result = {
-            "run_dir": str(run_dir), "name": cfg.name, "hash": cfg.run_hash(), "device": describe_device(state.device),
+            "run_dir": str(run_dir), "name": cfg.run_name(), "hash": cfg.run_hash(), "device": describe_device(state.device),
             "device_type": state.device.type, "torch_threads": torch.get_num_threads(), "model": cfg.model.name,
             "dataset": cfg.data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "num_params": count_parameters(state.model), "epochs": cfg.optim.epochs, "train_time_s": self.train_time,
