@@ -1,17 +1,17 @@
 """kdlab's Python API: what ``import kdlab`` offers (``kdlab.fit``, ``kdlab.load_run``, ...).
 
-Configs are validated objects (:class:`~kdlab.config.Config`), made from a dict, a YAML
+Configs are validated objects (`~kdlab.config.Config`), made from a dict, a YAML
 file or a packaged example, with ``key.sub=value`` overrides as on the command line
-(:func:`make_config`). A run is a directory named by its config's hash; :func:`fit` trains
-one (or resumes it, or returns it finished) and :func:`load_run` opens one as a
-:class:`Run`: its config, per-epoch metrics, final result, the trained model and the
+(`make_config`). A run is a directory named by its config's hash; `fit` trains
+one (or resumes it, or returns it finished) and `load_run` opens one as a
+`Run`: its config, per-epoch metrics, final result, the trained model and the
 evaluation outputs, in one object. (The names avoid kdlab's module names: ``kdlab.train``
 and ``kdlab.config`` are modules.)
 
 Losses take their arguments in one order everywhere here: ``(student_logits,
 teacher_logits, labels)`` — the teacher may be None where no teacher term is computed —
-as functions (:func:`kd_loss`) and as modules (:class:`KDLoss`, :class:`KLDivergence`,
-:class:`LogitMSE`). Nothing here changes process-wide state (figures are drawn with
+as functions (`kd_loss`) and as modules (`KDLoss`, `KLDivergence`,
+`LogitMSE`). Nothing here changes process-wide state (figures are drawn with
 matplotlib's object API, only when asked).
 """
 
@@ -32,7 +32,7 @@ from .losses import distillation_loss_parts, kl_loss, mse_loss
 def make_config(source: Config | dict | str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """A validated config from a Config (copied, overrides applied), a dict, a YAML path or a
     packaged example name (``"teacher-mnist1d"``; `kdlab configs`), plus ``key.sub=value``
-    overrides. Bad input raises :class:`kdlab.errors.ConfigError` with a one-line message."""
+    overrides. Bad input raises `kdlab.errors.ConfigError` with a one-line message."""
     overrides = list(overrides)
     if isinstance(source, Config):
         return build_config(source.model_dump(mode="python"), overrides)
@@ -129,7 +129,7 @@ def load_run(path: str | Path) -> Run:
 def fit(source: Config | dict | str | Path, overrides: Iterable[str] = (), *, progress: bool = True,
         log=print) -> Run:
     """Train the run a config describes — or resume it, or return it finished — and open it.
-    ``source`` as :func:`make_config`'s."""
+    ``source`` as `make_config`'s."""
     from .train import train as _train
 
     cfg = make_config(source, overrides)
@@ -150,7 +150,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
 
 
 class KDLoss(nn.Module):
-    """:func:`kd_loss` as a module: ``KDLoss(alpha=1, tau=4)(student_logits, teacher_logits, labels)``."""
+    """`kd_loss` as a module: ``KDLoss(alpha=1, tau=4)(student_logits, teacher_logits, labels)``."""
 
     def __init__(self, alpha: float = 1.0, kd: Literal["kl", "mse"] = "kl", tau: float = 4.0, **options):
         super().__init__()
@@ -165,7 +165,7 @@ class KDLoss(nn.Module):
 
 
 class KLDivergence(nn.Module):
-    """c(τ)·KL(p_t(τ) ‖ p_s(τ)), batch mean (:func:`kdlab.losses.kl_loss`; τ = inf: Kim's limit)."""
+    """c(τ)·KL(p_t(τ) ‖ p_s(τ)), batch mean (`kdlab.losses.kl_loss`; τ = inf: Kim's limit)."""
 
     def __init__(self, tau: float = 4.0, scaling: Literal["tau2", "max", "none"] = "tau2"):
         super().__init__()
@@ -179,7 +179,7 @@ class KLDivergence(nn.Module):
 
 
 class LogitMSE(nn.Module):
-    """MSE between student and teacher logits (:func:`kdlab.losses.mse_loss`; ``mean``: nn.MSELoss)."""
+    """MSE between student and teacher logits (`kdlab.losses.mse_loss`; ``mean``: nn.MSELoss)."""
 
     def __init__(self, reduction: Literal["sum", "mean", "half_sum"] = "mean"):
         super().__init__()
