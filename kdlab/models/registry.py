@@ -13,7 +13,15 @@ _FAMILIES: dict[str, tuple[re.Pattern, Callable[..., nn.Module], str, list[str]]
 
 
 def register_family(pattern: str, example_names: list[str], help: str):
-    """Register a builder ``fn(match, num_classes, input_shape) -> nn.Module``."""
+    """Register a model family: ``pattern`` a regular expression for its names (``r"mlp-(\\d+)"``),
+    ``example_names`` names ``kdlab models`` shows, ``help`` one line. The builder is called as
+    ``fn(match, num_classes=K, in_channels=C, input_shape=S)``: ``match`` the name's regex match,
+    ``input_shape`` one sample's shape — (C, H, W) for images, (C, L) for MNIST-1D, () for token
+    sequences — or None when the caller does not know it (``build_model(name, K)`` without it,
+    e.g. counting parameters; then use ``in_channels`` and a default size). Return an
+    ``nn.Module`` whose forward takes a batch and returns logits (B, K); accept
+    ``return_features=True`` to also return the penultimate features (the analysis uses them),
+    and give it ``stage_taps()`` for feature distillation's default taps."""
 
     def wrap(fn):
         _FAMILIES[pattern] = (re.compile(pattern + r"\Z"), fn, help, example_names)
