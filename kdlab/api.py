@@ -33,7 +33,7 @@ def make_config(source: Config | dict | str | Path | None = None, overrides: Ite
     """A validated config from a Config (copied, overrides applied), a dict, a YAML path or a
     packaged example name (``"teacher-mnist1d"``; `kdlab configs`), plus ``key.sub=value``
     overrides. Bad input raises `kdlab.errors.ConfigError` with a one-line message."""
-    overrides = list(overrides)
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # ("optim.epochs=10" alone)
     if isinstance(source, Config):
         return build_config(source.model_dump(mode="python"), overrides)
     if isinstance(source, dict):

@@ -231,14 +231,18 @@ def expand(recipe: Recipe, scale: str = "quick", out_dir: str | Path = "runs",
 def _rescale_milestones(before: dict, after: dict, settings) -> dict:
     """``--set optim.epochs=N`` on a multistep schedule moves its lr drops with it (Kim's 50%/75%
     stay 50%/75% of the new length), unless ``optim.milestones`` is set too."""
+    from .config.sections import OptimConfig
+
     keys = {s.split("=", 1)[0].strip() for s in settings}
+    default = OptimConfig()
     old_optim, new_optim = before.get("optim") or {}, after.get("optim") or {}
-    old, new = old_optim.get("epochs"), new_optim.get("epochs")
-    if "optim.epochs" not in keys or "optim.milestones" in keys or not old or not new or old == new \
-            or new_optim.get("schedule", "multistep") != "multistep" or "milestones" not in new_optim:
+    old, new = old_optim.get("epochs", default.epochs), new_optim.get("epochs", default.epochs)
+    if "optim.epochs" not in keys or "optim.milestones" in keys or old == new \
+            or new_optim.get("schedule", default.schedule) != "multistep":
         return after
-    milestones = sorted({max(1, round(m * new / old)) for m in new_optim["milestones"]})
-    return {**after, "optim": {**new_optim, "milestones": milestones}}
+    # a drop at or after the last epoch would never happen: the last one is at epoch new − 1
+    moved = {min(max(1, round(m * new / old)), max(1, new - 1)) for m in new_optim.get("milestones", default.milestones)}
+    return {**after, "optim": {**new_optim, "milestones": sorted(moved)}}
 
 
 def _start_run(recipe_id: str, stage: Stage, by_stage: dict, labels: dict, seed: int) -> Optional[RunSpec]:

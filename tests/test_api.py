@@ -30,6 +30,7 @@ def test_make_config_from_every_source(tmp_path):
     path.write_text(from_dict.to_yaml())
     assert kdlab.make_config(path).run_hash() == from_dict.run_hash()
     assert kdlab.make_config("teacher-mnist1d").model.name == "cnn1d-64"
+    assert kdlab.make_config("teacher-mnist1d", "optim.epochs=7").optim.epochs == 7  # one override, no list
     with pytest.raises(kdlab.ConfigError, match="did you mean optim.epochs"):
         kdlab.make_config(None, ["optim.epoch=1"])
 

@@ -574,6 +574,8 @@ CASES = [
          ("paraphraser is convolutional", "convolutional student")),
     Case("jacobian-with-teacher-cache", T("distill.method=jacobian", "teacher.cache.mode=lazy", *TEACHER),
          ("runs its teacher online", "teacher.cache")),
+    Case("jacobian-with-sync-batchnorm", T("distill.method=jacobian", "sync_batchnorm=true", *TEACHER),
+         ("distill.method=jacobian", "drop sync_batchnorm")),
     Case("crd-unknown-option", T("distill.method=crd", "distill.options.nce_kk=10", *TEACHER),
          ("nce_kk", "did you mean nce_k")),
     Case("model-name-without-size", T("model.name=cnn1d"), ("unknown model 'cnn1d'", "did you mean cnn1d-8")),

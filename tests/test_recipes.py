@@ -235,6 +235,11 @@ def test_example_student_names_its_teacher_by_config_and_train_needs_a_config(tm
     yaml_path.write_text("name: mine\nmodel: {name: mlp-8}\nout_dir: elsewhere\n")
     mine = load_config(None, ["loss.alpha=1", f"teacher.runs=[config:{yaml_path}]", f"out_dir={out}"])
     assert mine.teacher.runs == [str(Path("elsewhere") / Path(mine.teacher.runs[0]).name)]  # its own out_dir
+    nested = tmp_path / "nested"  # a config: path is looked up beside the YAML that names it first
+    nested.mkdir()
+    (nested / "t.yaml").write_text("name: t\nmodel: {name: mlp-8}\n")
+    (nested / "s.yaml").write_text("loss: {alpha: 1}\nteacher: {runs: 'config:t.yaml'}\n")
+    assert Path(load_config(nested / "s.yaml").teacher.runs[0]).name.startswith("t-")
     with pytest.raises(ConfigError, match="teacher.runs: config:nope: config file nope not found .*student-mnist1d, teacher-mnist1d"):
         load_config(None, ["loss.alpha=1", "teacher.runs=[config:nope]"])
     monkeypatch.chdir(tmp_path)

@@ -187,6 +187,12 @@ def test_settings_apply_to_every_run_and_reach_the_report(tiny_recipe, tmp_path)
     assert {tuple(r.config.optim.milestones) for r in expand(kim, "quick", tmp_path, ["optim.epochs=10"])} == {(5, 8)}
     assert {tuple(r.config.optim.milestones)
             for r in expand(kim, "quick", tmp_path, ["optim.epochs=10", "optim.milestones=[3]"])} == {(3,)}
+    from kdlab.recipes import _rescale_milestones  # a drop never lands on (or past) the last epoch; defaults move too
+
+    assert _rescale_milestones({"optim": {"epochs": 200, "milestones": [100, 199]}},
+                               {"optim": {"epochs": 10, "milestones": [100, 199]}}, ["optim.epochs=10"]) == \
+        {"optim": {"epochs": 10, "milestones": [5, 9]}}
+    assert _rescale_milestones({}, {"optim": {"epochs": 20}}, ["optim.epochs=20"])["optim"]["milestones"] == [10, 15]
 
     out = tmp_path / "sweep"
     assert main(["sweep", str(tiny_recipe), "--out", str(out), "--no-progress", "--workers", "2", "--threads", "1",

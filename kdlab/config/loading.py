@@ -122,7 +122,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 CONFIG_REF = "config:"
 
 
-def _resolve_teacher_configs(data: dict, depth: int = 0) -> dict:
+def _resolve_teacher_configs(data: dict, depth: int = 0, base: Path | None = None) -> dict:
     """``teacher.runs`` entries ``config:NAME`` (a packaged example, `kdlab configs`, or a YAML
     path) name the run dir that config trains — a run dir is a function of its config — under
     this config's ``out_dir`` unless that config sets its own."""
@@ -138,8 +138,9 @@ def _resolve_teacher_configs(data: dict, depth: int = 0) -> dict:
     resolved = []
     for run in runs:
         if isinstance(run, str) and run.startswith(CONFIG_REF):
-            try:
-                path = resolve_config_path(run[len(CONFIG_REF):])
+            name = run[len(CONFIG_REF):]
+            try:  # a path relative to the referencing YAML's folder first, then as given (cwd, examples)
+                path = base / name if base is not None and (base / name).is_file() else resolve_config_path(name)
             except ConfigError as err:
                 raise ConfigError(f"teacher.runs: {run}: {err}") from None
             try:
@@ -149,15 +150,17 @@ def _resolve_teacher_configs(data: dict, depth: int = 0) -> dict:
             if "out_dir" in data and "out_dir" not in referenced:
                 referenced = {**referenced, "out_dir": data["out_dir"]}
             try:
-                run = str(build_config(_resolve_teacher_configs(referenced, depth + 1)).run_dir())
+                run = str(build_config(_resolve_teacher_configs(referenced, depth + 1, path.parent)).run_dir())
             except ConfigError as err:
                 raise ConfigError(f"teacher.runs: {run}: {err}") from None
         resolved.append(run)
     return {**data, "teacher": {**teacher, "runs": resolved}}
 
 
-def build_config(data: dict | None = None, overrides: list[str] | None = None) -> Config:
-    data = _resolve_teacher_configs(apply_overrides(data or {}, overrides or []))
+def build_config(data: dict | None = None, overrides: list[str] | None = None, base: Path | None = None) -> Config:
+    """A validated Config from a dict and overrides; ``base``: the folder ``config:`` teacher
+    references are looked up in first (the YAML file's)."""
+    data = _resolve_teacher_configs(apply_overrides(data or {}, overrides or []), base=base)
     try:
         return Config.model_validate(data)
     except ValidationError as err:
@@ -181,4 +184,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: unreadable ({err.strerror})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
-    return build_config(data, overrides)
+    return build_config(data, overrides, base=path.parent if path is not None else None)

@@ -107,6 +107,9 @@ class Config(_Strict):
         if method == "ft" and self.distill.settings().stage == "translator" and not self.model.init_run:
             raise ValueError("distill.method=ft distils through a trained paraphraser: set model.init_run to the "
                              "run of its paraphraser stage (distill.options.stage=paraphraser)")
+        if method == "jacobian" and self.sync_batchnorm:
+            raise ValueError("distill.method=jacobian differentiates through the batch norms twice, which torch's "
+                             "SyncBatchNorm does not support: drop sync_batchnorm")
         if method == "dkd" and self.loss.alpha:
             raise ValueError("distill.method=dkd replaces the loss section's KD term: set loss.alpha=0 (DKD's "
                              "weights are distill.options alpha and beta)")

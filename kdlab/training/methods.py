@@ -429,7 +429,8 @@ FEATURE_METHODS = {m.name: m for m in (AT, FitNets, OFD, AB, FT, CRD)}
 class FeatureDistiller:
     """A feature method over the loss section's logit objective (see the module docstring)."""
 
-    def __init__(self, cfg, data, student: nn.Module, teacher: nn.Module, teacher_name: str, device, bf16: bool):
+    def __init__(self, cfg, data, student: nn.Module, teacher: nn.Module, teacher_name: str, device, bf16: bool,
+                 check_only: bool = False):
         settings = cfg.distill.settings()
         self.method = FEATURE_METHODS[cfg.distill.method](settings)
         self.student_specs = cfg.distill.student_layers or self.method.default_specs(cfg.model.name, student)
@@ -464,7 +465,7 @@ class FeatureDistiller:
         self.teacher_bn_train = getattr(settings, "teacher_bn", "eval") == "train"
         # a pre-stage trains part of the student (FitNets' hint stage: up to the hint layer) or none of it
         self.unused_parameters = self.method.replaces_loss
-        if isinstance(self.method, CRD):
+        if isinstance(self.method, CRD) and not check_only:  # (the banks: a row per training example)
             self.method.start(data.split_labels("train"), cfg.seed, device)
         self.device_type, self.bf16 = device.type, bf16
         self.logit = LogitDistiller(student, None, cfg.loss, device.type, bf16)  # the loss section's parts
@@ -646,10 +647,12 @@ def check_distiller(cfg, data, teachers) -> None:
             next(teacher.parameters()).device)
         try:
             distiller = FeatureDistiller(cfg, data, student, teacher, teachers.names[0],
-                                         next(teacher.parameters()).device, False)
+                                         next(teacher.parameters()).device, False, check_only=True)
         except ValueError as err:
             raise ConfigError(f"distill.method={cfg.distill.method}: {first_line(err)}") from None
     distiller.remove()
+    if cfg.distill.method == "crd" and len(torch.unique(torch.as_tensor(data.split_labels("train")))) < 2:
+        raise ConfigError("distill.method=crd draws negatives from other classes, and the training set has one class")
     if cfg.distill.method == "crd" and torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         raise ConfigError("distill.method=crd: its memory banks are not shared between processes yet: train CRD "
