@@ -30,9 +30,8 @@ def objective(cfg) -> str:
     if method == "logit":
         return logit
     name = {"lskd": "logit-standardised", "jacobian": "Jacobian", "fitnets": "FitNets"}.get(method, method.upper())
-    option = {"fitnets": "variant", "ft": "stage"}.get(method)
-    if option:
-        name += f" ({getattr(cfg.distill.settings(), option)})"
+    if cfg.distill.variant:
+        name += f" ({cfg.distill.variant})"
     if cfg.distill.alone:
         return f"{name} alone"
     return f"{name} + {logit}" if method != "lskd" else f"{name} {logit}"

@@ -121,8 +121,9 @@ METHODS: dict[str, type[_Strict]] = {
 }
 FEATURE_METHODS = ("at", "fitnets", "ofd", "ab", "ft", "crd")  # tap the networks: the teacher runs online
 ONLINE_METHODS = FEATURE_METHODS + ("jacobian",)  # need the teacher itself on the batch (not cached logits)
+VARIANT_OPTION = {"fitnets": "variant", "ft": "stage"}  # methods whose option picks what kind of run it is
 # a first stage that trains with its term alone (the loss section must be plain CE: alpha 0, no smoothing)
-ALONE = {"fitnets": ("variant", "hint"), "ab": None, "ft": ("stage", "paraphraser")}
+ALONE_VARIANTS = {"hint", "paraphraser"}
 
 
 class DistillConfig(_Strict):
@@ -168,12 +169,16 @@ class DistillConfig(_Strict):
         return self.method in ONLINE_METHODS
 
     @property
+    def variant(self) -> str | None:
+        """The option that says what kind of run this method's is (FitNets' ``variant``, FT's
+        ``stage``), resolved; None for methods without one."""
+        option = VARIANT_OPTION.get(self.method)
+        return getattr(self.settings(), option) if option else None
+
+    @property
     def alone(self) -> bool:
         """A first stage trained with the method's term alone (FitNets' hint, AB, FT's paraphraser)."""
-        if self.method not in ALONE:
-            return False
-        option = ALONE[self.method]
-        return option is None or getattr(self.settings(), option[0]) == option[1]
+        return self.method == "ab" or self.variant in ALONE_VARIANTS
 
 
 def _check_options(method: str, options: dict) -> None:

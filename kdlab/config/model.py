@@ -270,9 +270,8 @@ def _auto_name(cfg: "Config") -> str:
     if cfg.teacher is None:
         return plain
     if method != "logit":
-        option = {"fitnets": "variant", "ft": "stage"}.get(method)
-        suffix = f"-{getattr(cfg.distill.settings(), option)}".replace("_", "-") if option else ""
-        return f"student-{method}{suffix}"
+        variant = cfg.distill.variant
+        return f"student-{method}" + (f"-{variant}".replace("_", "-") if variant else "")
     if loss.alpha == 0:
         return f"student-{plain}"
     kd = "mse" if loss.kd == "mse" else f"kl-tau{'inf' if math.isinf(loss.tau) else f'{loss.tau:g}'}"

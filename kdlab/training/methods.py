@@ -370,22 +370,24 @@ class CRD(FeatureMethod):
     def teacher_adapters(self, teacher_shapes):
         return nn.ModuleList([_Embed(math.prod(teacher_shapes[0]), self.settings.feat_dim)])
 
-    def start(self, labels: torch.Tensor, seed: int, device) -> None:
-        """The memory banks and the negative sampler, for the training set's (noisy) labels."""
-        n, dim = len(labels), self.settings.feat_dim
-        self.n, self.device = n, device
+    def index(self, labels: torch.Tensor) -> None:
+        """The negative sampler's index of the training set's (noisy) labels: examples by class."""
+        labels = torch.as_tensor(labels).long().cpu()
+        counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
+        if int(counts.max()) == len(labels):
+            raise ValueError("CRD draws negatives from other classes, and the training set has one class")
+        self.n, self.labels, self.order = len(labels), labels, torch.argsort(labels, stable=True)
+        self.counts, self.starts = counts, torch.cumsum(counts, 0) - counts
+
+    def start(self, seed: int, device) -> None:
+        """The memory banks, a row per training example, and the sampler's generator (after :meth:`index`)."""
+        dim = self.settings.feat_dim
+        self.device = device
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919)  # (kdlab's own stream for CRD)
         std = 1.0 / math.sqrt(dim / 3)  # the reference's initialisation: uniform in ±1/√(dim/3)
-        self.bank = {side: (torch.rand(n, dim, generator=self.generator) * 2 * std - std).to(device)
+        self.bank = {side: (torch.rand(self.n, dim, generator=self.generator) * 2 * std - std).to(device)
                      for side in ("student", "teacher")}
         self.z = {"student": None, "teacher": None}
-        labels = labels.long().cpu()
-        self.order = torch.argsort(labels, stable=True)
-        counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
-        if int(counts.max()) == n:
-            raise ValueError("CRD draws negatives from other classes, and the training set has one class")
-        self.counts, self.starts = counts, torch.cumsum(counts, 0) - counts
-        self.labels = labels
 
     def negatives(self, index: torch.Tensor) -> torch.Tensor:
         """(B, K) indices of other classes' examples, uniform with replacement."""
@@ -465,8 +467,10 @@ class FeatureDistiller:
         self.teacher_bn_train = getattr(settings, "teacher_bn", "eval") == "train"
         # a pre-stage trains part of the student (FitNets' hint stage: up to the hint layer) or none of it
         self.unused_parameters = self.method.replaces_loss
-        if isinstance(self.method, CRD) and not check_only:  # (the banks: a row per training example)
-            self.method.start(data.split_labels("train"), cfg.seed, device)
+        if isinstance(self.method, CRD):
+            self.method.index(data.split_labels("train"))
+            if not check_only:  # (the banks: a row per training example)
+                self.method.start(cfg.seed, device)
         self.device_type, self.bf16 = device.type, bf16
         self.logit = LogitDistiller(student, None, cfg.loss, device.type, bf16)  # the loss section's parts
         self.source = None  # (attached by the caller; the teacher runs here, online, for its features)
@@ -651,8 +655,6 @@ def check_distiller(cfg, data, teachers) -> None:
         except ValueError as err:
             raise ConfigError(f"distill.method={cfg.distill.method}: {first_line(err)}") from None
     distiller.remove()
-    if cfg.distill.method == "crd" and len(torch.unique(torch.as_tensor(data.split_labels("train")))) < 2:
-        raise ConfigError("distill.method=crd draws negatives from other classes, and the training set has one class")
     if cfg.distill.method == "crd" and torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         raise ConfigError("distill.method=crd: its memory banks are not shared between processes yet: train CRD "
@@ -667,8 +669,7 @@ def _check_paraphraser(distiller, run: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"distill.method=ft: model.init_run {run} has no adapters.pt: point it at a finished run "
                           "of the paraphraser stage (distill.options.stage=paraphraser)")
-    saved, mine = torch_load(path), distiller.adapters.state_dict()
-    if saved.keys() != mine.keys() or any(saved[k].shape != mine[k].shape for k in mine):
+    if _same_modules(torch_load(path), distiller.adapters) is None:
         raise ConfigError(f"distill.method=ft: {path} is not this FT's paraphraser (other layers, teacher or "
                           "distill.options.rate): train the paraphraser stage with the same teacher and options")
 
@@ -680,10 +681,18 @@ def start_adapters(distiller, run: Path, log) -> Path | None:
     path = run / "adapters.pt"
     if distiller.adapters is None or not path.is_file():
         return None
-    saved, mine = torch_load(path), distiller.adapters.state_dict()
-    if saved.keys() == mine.keys() and all(saved[k].shape == mine[k].shape for k in mine):
+    saved = _same_modules(torch_load(path), distiller.adapters)
+    if saved is not None:
         distiller.adapters.load_state_dict(saved)
         log(f"adapters start from {path}")
         return path
     log(f"{path} holds other adapters than this method's: this run's adapters start fresh")
     return None
+
+
+def _same_modules(saved: dict, adapters: nn.Module) -> dict | None:
+    """``saved`` when it is a state dict of these adapters (the same names and shapes), else None."""
+    mine = adapters.state_dict()
+    same = saved.keys() == mine.keys() and all(saved[k].shape == mine[k].shape for k in mine)
+    return saved if same else None
+
