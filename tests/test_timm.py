@@ -1,8 +1,8 @@
 """The timm model family (``model.name: timm:<name>``) and plain weights files.
 
-timm needs a torchvision that loads beside the installed torch; on this project's
-machines that is torch 2.14.1 + torchvision 0.29.1, so these tests run in their own
-venv (``make test-timm``, which CI runs) and are skipped in the main one.
+timm needs a torchvision that loads beside the installed torch; the Makefile's one venv
+has torch 2.14.1 + torchvision 0.29.1 and timm, so CI runs these with the rest; they are
+skipped where timm is not installed.
 """
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-timm = pytest.importorskip("timm", reason="timm not installed (`make test-timm` runs these beside torchvision)")
+timm = pytest.importorskip("timm", reason="timm not installed (pip install 'kdlab[timm]' with a torchvision matching torch)")
 torchvision = pytest.importorskip("torchvision")
 
 from conftest import write_image_folder  # noqa: E402
