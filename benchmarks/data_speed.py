@@ -7,20 +7,21 @@ folder made here from scikit-learn's digits, upscaled and tinted (smooth content
 photographs, not noise, which decodes slower); ``--root`` measures a real folder
 (``root/train/<class>/*``). Rows:
 
-1. decode + RandomResizedCrop + flip to 224×224 (Pillow: decode, one ``resize`` with
-   the crop box, transpose), in this process, per core;
-2. the same + normalisation of the batch (``ImageFolderData.prepare``);
-3. the evaluation view (resize the shorter side to 256, centre crop 224), per core;
+1. decode + RandomResizedCrop + flip to 224×224, in this process, per core, with each
+   decoder (``data.decoder``): TorchCodec (decode, then torch's antialiased bilinear resize
+   of the crop) and Pillow (decode, one ``resize`` with the crop box, transpose);
+2. the same + normalisation of the batch (``ImageFolderData.prepare``), TorchCodec;
+3. the evaluation view (resize the shorter side to 256, centre crop 224), per core, each
+   decoder;
 4. whole epochs through kdlab's loader (``ImageFolderData.epoch_batches``: views drawn
    by the generator, workers decode) with 0, 1, 2, … worker processes, after a warm-up
    pass (worker start-up is excluded: workers persist across epochs);
 5. building a teacher store (``teacher_store.py``: crops drawn, decoded by 2 loader
    workers, teacher forward, fp16 shards written) with a small MLP teacher, so that the
    row shows the store's own cost; a real teacher adds its forward time (ResNet-152 on
-   a GPU, for Kim's Table 5).
-
-6. Pillow against torchvision.io (``decode_jpeg`` + ``resized_crop``), same files and view,
-   when torchvision imports beside the installed torch. kdlab decodes with Pillow.
+   a GPU, for Kim's Table 5);
+6. small images: the training view of 28×28 grayscale PNGs (the built-in Fashion-MNIST
+   folder's files) to 32×32, each decoder.
 
 Prints a table and writes benchmarks/results/data_speed.json.
 """
@@ -46,6 +47,8 @@ from kdlab.data.imagefolder import VIEW_PARAMS, _Images, load_imagefolder  # noq
 
 from train_speed import _cpu  # noqa: E402
 
+DECODERS = ("torchcodec", "pillow")
+
 
 def write_jpeg_folder(root: Path, images: int, classes: int = 10, size=(500, 375), seed: int = 0) -> Path:
     """``images`` JPEGs in ImageNet's layout (train/ and a small val/), smooth content."""
@@ -68,51 +71,34 @@ def write_jpeg_folder(root: Path, images: int, classes: int = 10, size=(500, 375
     return root
 
 
-def per_core(data, count: int, train_view: bool) -> float:
+def per_core(data, count: int, train_view: bool, decoder: str = "torchcodec") -> float:
     """Images/s of decoding + the view in this process (one core)."""
-    dataset = _Images(data.files, data.labels, data.image_size, data.eval_resize, data.scale, data.ratio, False)
+    dataset = _Images(data.files, data.labels, data.image_size, data.eval_resize, data.scale, data.ratio, False,
+                      decoder)
     rows = np.random.default_rng(0).random((count, VIEW_PARAMS))
     n = len(data.files["train"])
+    dataset[("train", 0, rows[0] if train_view else None)]  # warm-up (imports)
     started = time.perf_counter()
     for k in range(count):
         dataset[("train", k % n, rows[k] if train_view else None)]
     return count / (time.perf_counter() - started)
 
 
-def decoders(root: Path, count: int) -> list[tuple[str, float]]:
-    """Pillow (kdlab's decoder) against torchvision.io on the same files and the same view:
-    decode, then a 224×224 bilinear resize of the evaluation's centre box, 1 core each. An empty
-    list when torchvision does not import beside the installed torch."""
+def small_pngs(root: Path, count: int, decoder: str) -> float:
+    """The training view of 28×28 grayscale PNGs to 32×32, one core."""
     from PIL import Image
 
-    from kdlab.data.imagefolder import centre_box
-
-    try:
-        import torchvision.io as tvio
-        import torchvision.transforms.v2.functional as TF
-    except Exception:  # (e.g. PyPI's torchvision beside torch 2.13.0's CPU file: operator ... does not exist)
-        return []
-    paths = sorted(root.rglob("*.jpg"))[:count]
-
-    def with_pillow(path):
-        with Image.open(path) as image:
-            box = centre_box(*image.size, 256, 224)
-            return np.asarray(image.convert("RGB").resize((224, 224), Image.BILINEAR, box=box))
-
-    def with_torchvision(path):
-        image = tvio.decode_jpeg(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
-        left, top, right, bottom = centre_box(image.shape[2], image.shape[1], 256, 224)
-        return TF.resized_crop(image, round(top), round(left), round(bottom - top), round(right - left), [224, 224],
-                               antialias=True)
-
-    rows = []
-    for name, fn in (("Pillow", with_pillow), ("torchvision.io", with_torchvision)):
-        fn(paths[0])  # warm-up
-        started = time.perf_counter()
-        for path in paths:
-            fn(path)
-        rows.append((f"decode + resize to 224 (eval box), {name}, 1 core", len(paths) / (time.perf_counter() - started)))
-    return rows
+    folder = root / "train" / "class_0"
+    if not folder.is_dir():
+        rng = np.random.default_rng(0)
+        for split in ("train", "val"):
+            for label in (0, 1):
+                (root / split / f"class_{label}").mkdir(parents=True, exist_ok=True)
+                for k in range(count if split == "train" else 1):
+                    image = (np.cumsum(rng.integers(-9, 10, (28, 28)), axis=1) % 256).astype(np.uint8)
+                    Image.fromarray(image).save(root / split / f"class_{label}" / f"{k:05d}.png")
+    data = load_imagefolder(DataConfig(name="imagefolder", root=str(root), image_size=32, val_size=0), num_workers=0)
+    return per_core(data, count, True, decoder)
 
 
 def with_normalise(data, count: int, batch: int = 64) -> float:
@@ -182,18 +168,21 @@ def main() -> None:
         root = Path(args.root) if args.root else write_jpeg_folder(Path(tmp) / "jpegs", count)
         cfg = DataConfig(name="imagefolder", root=str(root), image_size=224, val_size=0)
         data = load_imagefolder(cfg, num_workers=0)
-        rows = [("decode + RandomResizedCrop 224 + flip, 1 core", per_core(data, count, True)),
-                ("  + normalise (batches of 64), 1 core", with_normalise(data, count)),
-                ("decode + resize 256 + centre crop 224 (eval), 1 core", per_core(data, count, False))]
-        rows += decoders(root, count)
+        rows = [(f"decode + RandomResizedCrop 224 + flip, {decoder}, 1 core", per_core(data, count, True, decoder))
+                for decoder in DECODERS]
+        rows.append(("  + normalise (batches of 64), torchcodec, 1 core", with_normalise(data, count)))
+        rows += [(f"decode + resize 256 + centre crop 224 (eval), {decoder}, 1 core",
+                  per_core(data, count, False, decoder)) for decoder in DECODERS]
+        rows += [(f"28×28 grayscale PNG → 32 training view, {decoder}, 1 core",
+                  small_pngs(Path(tmp) / "pngs", count, decoder)) for decoder in DECODERS]
         for workers in (int(w) for w in args.workers.split(",")):
             rate = through_loader(cfg, workers, 1 if args.quick else 2)
             rows.append((f"kdlab loader epoch, {workers} worker process(es)", rate))
         rows.append(("teacher store build, 2 workers, mlp-64 teacher (crops/s)", store_build(cfg, 2, Path(tmp) / "st")))
     print(f"\nimage-folder path, JPEG 500×375 → 224×224 ({os.cpu_count()} cores, {_cpu()}, torch {torch.__version__})\n")
-    print(f"| {'measurement':58s} | images/s |\n|{'-' * 60}|---------:|")
+    print(f"| {'measurement':66s} | images/s |\n|{'-' * 68}|---------:|")
     for name, rate in rows:
-        print(f"| {name:58s} | {rate:8.1f} |")
+        print(f"| {name:66s} | {rate:8.1f} |")
     result = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__},
               "images": "user folder" if args.root else f"{count} synthetic smooth JPEGs 500x375 q90",

@@ -77,6 +77,8 @@ def store_key(teachers, data, cfg, bf16: bool, tau: float | None = None) -> str:
                               "top_k": cfg.top_k, "tau": tau if cfg.top_k else None, "shard_size": cfg.shard_size,
                               "channels_last": getattr(teachers, "channels_last", False),
                               "device": getattr(teachers, "device", torch.device("cpu")).type}).encode())
+    if data.decoder != "pillow":  # (stores built before the choice decoded with Pillow and keep their keys)
+        digest.update(f"decoder={data.decoder}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -206,3 +206,112 @@ def test_projections_name_classes_by_their_folders(folder, tmp_path, capsys):
     capsys.readouterr()
     assert main(["analyze", str(run_dir), "--classes", "class_00,tench,class_01", "--out", str(tmp_path / "x")]) == 2
     assert "no class named 'tench'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _format_matrix(folder: Path) -> dict:
+    """One small image per 8-bit format and mode a folder may hold, written by Pillow."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:61, 0:83]  # smooth content, as photographs (not noise)
+    rgb = Image.fromarray(np.stack([np.sin(xx / 7 + c) * np.cos(yy / 9) * 120 + 128 for c in range(3)], -1).astype(np.uint8))
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, image, kwargs in (
+            ("rgb.jpg", rgb, {"quality": 90}), ("gray.jpg", rgb.convert("L"), {}), ("cmyk.jpg", rgb.convert("CMYK"), {}),
+            ("progressive.jpg", rgb, {"progressive": True}), ("rgb.png", rgb, {}), ("rgba.png", rgb.convert("RGBA"), {}),
+            ("gray.png", rgb.convert("L"), {}), ("gray-alpha.png", rgb.convert("LA"), {}),
+            ("palette.png", rgb.convert("P"), {}), ("1-bit.png", rgb.convert("1"), {}),
+            ("png-named.jpg", rgb, {"format": "PNG"})):
+        image.save(folder / name, **kwargs)
+        files[name] = str(folder / name)
+    return files
+
+
+def test_both_decoders_give_the_same_pixels_and_nearly_the_same_views(tmp_path):
+    """TorchCodec and Pillow decode every 8-bit format to identical RGB pixels; their
+    training views (same integer box) differ at the crop's edges (Pillow's box resize reads
+    pixels just outside the box), the evaluation views also by the box's rounding: close,
+    not equal, hence the hash."""
+    from PIL import Image
+    from torchcodec.decoders import decode_image
+
+    from kdlab.data.imagefolder import _view_pillow, _view_torchcodec
+
+    rows = np.random.default_rng(1).random((4, VIEW_PARAMS))
+    for name, path in _format_matrix(tmp_path).items():
+        with Image.open(path) as image:
+            pillow = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+        assert torch.equal(decode_image(path, mode="RGB"), pillow), name
+        for row in list(rows) + [None]:
+            a, b = (view(path, row, 16, 18, (0.08, 1.0), (3 / 4, 4 / 3)) for view in (_view_torchcodec, _view_pillow))
+            assert a.shape == b.shape == (3, 16, 16) and a.dtype == b.dtype == torch.uint8
+            difference = (a.int() - b.int()).abs().float()
+            assert difference.mean() < (1 if row is not None else 8), (name, difference.mean())
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_by_torchcodec(tmp_path):
+    from PIL import Image
+
+    from kdlab.data.imagefolder import _view_torchcodec
+
+    levels = np.tile(np.arange(0, 256, 16, dtype=np.uint16), (16, 1))
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")  # 16-bit grayscale, full range
+    view = _view_torchcodec(str(tmp_path / "deep.png"), None, 16, 16, (0.08, 1.0), (3 / 4, 4 / 3))
+    assert torch.equal(view[0], torch.from_numpy(levels.astype(np.uint8)))  # (Pillow would clip all but 0 to 255)
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "pillow"])
+def test_an_unreadable_image_names_its_file_in_one_line_under_either_decoder(tmp_path, decoder):
+    from kdlab.data.imagefolder import _Images
+
+    good = _format_matrix(tmp_path / "good")["rgb.jpg"]
+    jpeg = Path(good).read_bytes()
+    bad = {"text.jpg": b"not an image at all", "truncated.jpg": jpeg[: len(jpeg) // 3], "empty.png": b""}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    paths = [str(tmp_path / name) for name in bad] + [str(tmp_path / "gone.png")]
+    labels = {"train": np.zeros(len(paths), np.int64)}
+    row = np.random.default_rng(0).random(VIEW_PARAMS)
+    strict = _Images({"train": paths}, labels, 16, 18, (0.08, 1.0), (3 / 4, 4 / 3), False, decoder)
+    for index, path in enumerate(paths):
+        with pytest.raises(DataError) as caught:
+            strict[("train", index, row)]
+        message = str(caught.value)
+        assert message.startswith(f"unreadable image {path} (") and "\n" not in message and len(message) - len(path) < 150, message
+        assert "data.on_bad_image=skip" in message and ".cpp" not in message
+    lenient = _Images({"train": paths}, labels, 16, 18, (0.08, 1.0), (3 / 4, 4 / 3), True, decoder)
+    image, _, _, readable, dropped = lenient[("train", 1, row)]
+    assert not readable and dropped and int(image.sum()) == 0  # a training view: left out of its batch
+    assert lenient[("train", 1, None)][4] is False  # an evaluation view: kept, black
+
+
+def test_the_decoder_is_in_the_run_hash_and_the_store_key_only_for_image_folders(folder):
+    from types import SimpleNamespace
+
+    from kdlab.teacher_store import store_key
+
+    def imagefolder(**data):
+        return build_config({"data": {"name": "imagefolder", "root": "/x", "image_size": 16, **data},
+                             "model": {"name": "mlp-32"}})
+
+    assert imagefolder(decoder="pillow").run_hash() == "482b7d75"  # as before the decoder was a choice
+    assert imagefolder().run_hash() != "482b7d75" and imagefolder().data.decoder == "torchcodec"
+    digits = build_config({"data": {"name": "digits"}}).run_hash()
+    assert build_config({"data": {"name": "digits", "decoder": "pillow"}}).run_hash() == digits
+    teachers = SimpleNamespace(models=[torch.nn.Linear(3, 2)])
+    store = SimpleNamespace(crops=2, seed=0, dtype="float16", top_k=None, shard_size=64)
+    keys = {decoder: store_key(teachers, load_dataset(imagefolder(root=str(folder), decoder=decoder, val_size=12).data),
+                               store, False) for decoder in ("torchcodec", "pillow")}
+    assert keys["torchcodec"] != keys["pillow"]
+
+
+def test_a_torchcodec_that_does_not_import_is_one_line_naming_pillow(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as an uninstalled or mismatched build
+    argv = ["train", "--no-progress", "data.name=imagefolder", f"data.root={folder}", "data.image_size=16",
+            "data.val_size=12", "model.name=mlp-16", "optim.epochs=1", f"out_dir={tmp_path / 'out'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdlab: error: data.decoder=torchcodec: torchcodec does not import") and err.count("\n") == 1
+    assert "data.decoder=pillow" in err and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert main(argv + ["data.decoder=pillow", "data.loader_workers=0"]) == 0

@@ -172,6 +172,8 @@ class Config(_Strict):
             if payload["data"][key] == defaults[key]:
                 del payload["data"][key]
         del payload["data"]["loader_workers"]
+        if self.data.name != "imagefolder" or self.data.decoder == "pillow":  # newer than existing run dirs, which
+            del payload["data"]["decoder"]  # decoded with Pillow: a torchcodec run hashes apart from them
         if self.data.name != "translation":  # newer than existing run dirs, and meaningless for images
             for key in _TRANSLATION_DATA_KEYS:
                 del payload["data"][key]

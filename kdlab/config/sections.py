@@ -50,6 +50,10 @@ class DataConfig(_Strict):
                                           "(default min(4, cores)); results do not depend on it: not in the hash")
     on_bad_image: Literal["error", "skip"] = Field("error", description="imagefolder: an unreadable image is an "
                                                    "error naming it, or left out of its batch and counted")
+    decoder: Literal["torchcodec", "pillow"] = Field("torchcodec", description="imagefolder: what decodes images: "
+                                                     "TorchCodec (torchvision.io's decoders, moved there; faster than "
+                                                     "Pillow on JPEGs, benchmarks/data_speed.py) or Pillow (kdlab's "
+                                                     "decoder before it; its runs keep their hashes)")
 
     # translation only; in the run hash only for translation
     vocab_size: int = Field(8000, ge=16, le=1_000_000, description="translation: pieces of the joint sentencepiece "

@@ -7,6 +7,7 @@ split's per-channel mean and std (:meth:`Dataset.prepare`).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,8 @@ def check_data_source(cfg) -> None:
         _check_translation_source(cfg)
         return
     if cfg.name == "imagefolder":
+        if cfg.decoder == "torchcodec":
+            _check_torchcodec()
         if not cfg.root:
             raise DataError("imagefolder: data.root is not set (a folder with train/<class>/ and val/<class>/ "
                             "image folders, ImageNet's layout); set it, e.g. data.root=/path/to/imagenet")
@@ -185,6 +188,20 @@ def check_data_source(cfg) -> None:
             if not (Path(cfg.root) / split).is_dir():
                 raise DataError(f"imagefolder: {Path(cfg.root) / split} is not a directory (data.root must hold "
                                 "train/<class>/ and val/<class>/ image folders)")
+
+
+def _check_torchcodec() -> None:
+    """TorchCodec's image decoders import beside the installed torch (a build for another
+    torch fails on import)."""
+    try:
+        importlib.import_module("torchcodec.decoders")
+    except Exception as err:  # (ImportError, or OSError/RuntimeError from a build for another torch)
+        import torch
+
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data.decoder=torchcodec: torchcodec does not import beside torch {torch.__version__} "
+                        f"({reason[:200]}); install the torchcodec release made for this torch "
+                        "(pip install 'kdlab[images]'), or set data.decoder=pillow") from None
 
 
 def _check_translation_source(cfg) -> None:

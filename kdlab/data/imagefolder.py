@@ -1,5 +1,10 @@
 """Image folders streamed from disk (ImageNet's layout): ``root/train/<class>/*`` and
-``root/val/<class>/*``, JPEG or PNG, decoded by Pillow in DataLoader worker processes.
+``root/val/<class>/*``, JPEG or PNG, decoded in DataLoader worker processes by TorchCodec
+(``data.decoder: torchcodec``, the default: torchvision.io's image decoders, which moved there
+when torchvision 0.29 deprecated them) with torch's antialiased bilinear resize, or by Pillow
+(``data.decoder: pillow``). Both decode 8-bit files to the same pixels (compared bit for bit
+in the tests), but Pillow's box resize reads pixels just outside a crop's edges and torch's
+only the crop, so the views differ slightly and the decoder is in the run hash. A 16-bit PNG is scaled to 8 bits by TorchCodec (Pillow clips it at 255).
 The folders are listed (and the built-in one made) by :mod:`kdlab.data.imagefolder_scan`;
 how a loader worker dies with the run is :mod:`kdlab.data.imagefolder_workers`. Their
 names are re-exported here.
@@ -34,6 +39,7 @@ import math
 import multiprocessing.context
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,13 +101,66 @@ def centre_box(width: int, height: int, resize: int, size: int):
     return (left, top, left + side, top + side)
 
 
+def _view_pillow(path: str, row, size: int, eval_resize: int, scale, ratio) -> torch.Tensor:
+    """Pillow: decode, then one ``resize`` of the view's box (fractional for evaluation)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if row is None:
+            out = image.resize((size, size), Image.BILINEAR, box=centre_box(*image.size, eval_resize, size))
+        else:
+            box, flip = crop_box(*image.size, row, scale, ratio)
+            out = image.resize((size, size), Image.BILINEAR, box=box)
+            if flip:
+                out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _view_torchcodec(path: str, row, size: int, eval_resize: int, scale, ratio) -> torch.Tensor:
+    """TorchCodec: decode to RGB uint8, then torch's bilinear antialiased resize of the
+    view's box (what torchvision's ``resized_crop`` does on a uint8 tensor, bit for bit);
+    the evaluation box is rounded to whole pixels."""
+    from torchcodec.decoders import decode_image
+
+    with open(path, "rb") as file:  # (read here: a missing or empty file gets Python's own error)
+        encoded = file.read()
+    if not encoded:
+        raise OSError("empty file")
+    image = decode_image(encoded, mode="RGB")  # (uint8: a 16-bit PNG is scaled to 8 bits)
+    height, width = image.shape[-2:]
+    flip = False
+    if row is None:
+        left, top, right, bottom = (round(v) for v in centre_box(width, height, eval_resize, size))
+    else:
+        (left, top, right, bottom), flip = crop_box(width, height, row, scale, ratio)
+    out = torch.nn.functional.interpolate(image[None, :, top:bottom, left:right], size=(size, size), mode="bilinear",
+                                          antialias=True, align_corners=False)[0]
+    return out.flip(-1).contiguous() if flip else out.contiguous()
+
+
+def _decode_error(err: Exception, path: str) -> str:
+    """The reason, in one line: TorchCodec's RuntimeErrors read "function, source.cpp:line,
+    reason. more" (kept: the function and the reason's first sentence)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, OSError) and err.strerror:  # (without the path, which the message names already)
+        text = err.strerror
+    found = re.match(r"(\w+), \S+:\d+, ([^.]*)", text) if isinstance(err, RuntimeError) else None
+    if found:
+        text = f"{found.group(1)}: {found.group(2)}"
+    text = text.split(". ", 1)[0]  # (TorchCodec's unknown-format message goes on for three sentences)
+    text = text.replace(f" {path!r}", "").replace(f" {path}", "")  # (Pillow's names the file: so does ours)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 class _Images(torch.utils.data.Dataset):
     """Decodes one (split, index, view row) item to a uint8 (3, S, S) tensor."""
 
-    def __init__(self, files: dict, labels: dict, image_size: int, eval_resize: int, scale, ratio, skip_bad: bool):
+    def __init__(self, files: dict, labels: dict, image_size: int, eval_resize: int, scale, ratio, skip_bad: bool,
+                 decoder: str = "torchcodec"):
         self.files, self.labels = files, labels
         self.image_size, self.eval_resize, self.scale, self.ratio = image_size, eval_resize, scale, ratio
-        self.skip_bad = skip_bad
+        self.skip_bad, self.decoder = skip_bad, decoder
 
     def __reduce__(self):
         """Sent to a loader worker being started, the dataset carries the pid of the
@@ -120,24 +179,16 @@ class _Images(torch.utils.data.Dataset):
 
         split, index, row = item
         path = self.files[split][index]
-        size = (self.image_size, self.image_size)
+        view = _view_torchcodec if self.decoder == "torchcodec" else _view_pillow
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if row is None:
-                    out = image.resize(size, Image.BILINEAR, box=centre_box(*image.size, self.eval_resize, self.image_size))
-                else:
-                    box, flip = crop_box(*image.size, row, self.scale, self.ratio)
-                    out = image.resize(size, Image.BILINEAR, box=box)
-                    if flip:
-                        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            array = view(path, row, self.image_size, self.eval_resize, self.scale, self.ratio)
+        except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as err:
             if self.skip_bad:  # left out of a training batch; a black image in evaluation (warned)
                 dropped = split == "train" and row is not None  # a training view; evaluation and stores keep all
-                return torch.zeros((3,) + size, dtype=torch.uint8), int(self.labels[split][index]), index, False, dropped
-            raise DataError(f"unreadable image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                black = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
+                return black, int(self.labels[split][index]), index, False, dropped
+            raise DataError(f"unreadable image {path} ({_decode_error(err, path)}); "
                             "set data.on_bad_image=skip to leave such images out") from None
-        array = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
         return array, int(self.labels[split][index]), index, True, False
 
 
@@ -188,6 +239,7 @@ class ImageFolderData:
     ratio: tuple
     loader_workers: int
     skip_bad: bool
+    decoder: str = "torchcodec"
     mean: torch.Tensor = field(default_factory=lambda: torch.tensor(IMAGENET_MEAN))
     std: torch.Tensor = field(default_factory=lambda: torch.tensor(IMAGENET_STD))
     noisy_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -231,7 +283,7 @@ class ImageFolderData:
         """The one DataLoader (persistent workers) every pass goes through."""
         if self._loader is None:
             dataset = _Images(self.files, self.labels, self.image_size, self.eval_resize, self.scale, self.ratio,
-                              self.skip_bad)
+                              self.skip_bad, self.decoder)
             workers = self.loader_workers
             self._batches = _Batches()
             self._loader = torch.utils.data.DataLoader(
@@ -327,7 +379,7 @@ def load_imagefolder(cfg, num_workers: int | None = None) -> ImageFolderData:
         image_size=image_size, eval_resize=eval_resize, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
         loader_workers=num_workers if num_workers is not None else (
             cfg.loader_workers if cfg.loader_workers is not None else default_loader_workers()),
-        skip_bad=cfg.on_bad_image == "skip")
+        skip_bad=cfg.on_bad_image == "skip", decoder=cfg.decoder)
     if cfg.label_noise > 0:
         data.clean_train_y = torch.from_numpy(labels["train"].copy())
         labels["train"], data.noisy_indices = add_label_noise(labels["train"], len(classes), cfg.label_noise,
