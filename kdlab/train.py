@@ -38,6 +38,7 @@ from .runs import (
     torch_load,
 )
 from .training.checks import check_init_run, check_memory, check_processes, check_teacher_source
+from .loggers import check_loggers
 from .training.distill import open_teacher_source
 from .training.loop import Loop
 from .training.methods import build_distiller, check_distiller, start_adapters
@@ -90,6 +91,8 @@ def train(cfg: Config, *, progress: bool = True, stop_after_epoch: int | None = 
     if teachers is not None:
         check_distiller(cfg, data, teachers)
     check_processes(cfg, data, ctx, device)
+    if ctx.main:
+        check_loggers(cfg)
     check_memory(cfg, data, num_params, device)
     probe = MutualInformationProbe(cfg, data, resolve_bf16(cfg, device)) \
         if cfg.mutual_information.every_steps and ctx.main else None

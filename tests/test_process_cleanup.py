@@ -134,3 +134,21 @@ def test_a_sigkilled_sweep_of_imagefolder_runs_leaves_no_process_and_no_tracebac
     # two sweep workers and, under each, two loader workers; and a resource tracker
     assert len(_workers(descendants)) >= 6 and _tracker(descendants), descendants
     assert "Traceback" not in err, err
+
+
+def test_a_sigkilled_run_logging_to_wandb_leaves_no_wandb_service(tmp_path):
+    """W&B runs its own service (wandb-core, and its system monitor wandb-symon) as children
+    of the run: they go with it."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "runs"
+    stderr_path = tmp_path / "stderr.txt"
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "kdlab", "train", "--no-progress", "data.name=digits",
+                                    "model.name=wrn-10-1", "optim.epochs=1000", "threads=1", f"out_dir={out}",
+                                    "logging.wandb=true"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+    when = _training(lambda: out.glob("*/metrics.jsonl"), 1, 0.5)
+    descendants, err = _kill(process, when, stderr_path)
+    assert any("wandb-core" in command for _, command in descendants.values()), descendants
+    assert "Traceback" not in err, err

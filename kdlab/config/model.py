@@ -19,6 +19,7 @@ from .sections import (
     SEED_MAX,
     DataConfig,
     DecodeConfig,
+    LoggingConfig,
     LossConfig,
     ModelConfig,
     MutualInformationConfig,
@@ -71,6 +72,8 @@ class Config(_Strict):
         None, gt=0, description="also checkpoint within an epoch every M minutes of training. Not part of the hash")
     tensorboard: bool = Field(True, description="write TensorBoard scalars to RUN_DIR/tensorboard when the "
                               "tensorboard package is installed (kdlab[tensorboard]); not part of the hash")
+    logging: LoggingConfig = Field(LoggingConfig(), description="W&B and MLflow loggers (off unless asked); not "
+                                   "part of the hash")
 
     @model_validator(mode="after")
     def _teacher_needed(self):
@@ -165,7 +168,7 @@ class Config(_Strict):
         section is excluded too (decoding is not training: `kdlab translate` decodes a
         finished run again with other settings)."""
         payload = self.model_dump(mode="json", exclude={"out_dir", "device", "threads", "memory_limit_gb",
-                                                        "tensorboard", "checkpoint_every_steps",
+                                                        "tensorboard", "logging", "checkpoint_every_steps",
                                                         "checkpoint_every_minutes"})
         defaults = DataConfig().model_dump(mode="json")
         for key in _DATA_KEYS_HASHED_OFF_DEFAULT:  # keys newer than existing run dirs: their hashes stay

@@ -295,3 +295,21 @@ class DecodeConfig(_Strict):
             raise ValueError("decode.temperatures: BLEU against T needs beam search (decode.beam >= 2); greedy "
                              "decoding does not depend on T")
         return self
+
+
+class LoggingConfig(_Strict):
+    """Loggers beside metrics.jsonl and TensorBoard (:mod:`kdlab.loggers`): each off unless
+    asked, each an extra; rank 0 logs; not part of the run hash."""
+
+    wandb: bool = Field(False, description="log to Weights & Biases (pip install 'kdlab[wandb]'); offline with "
+                        "WANDB_MODE=offline or wandb_mode=offline (files in RUN_DIR/wandb, `wandb sync` uploads them)")
+    wandb_project: str = Field("kdlab", min_length=1, description="W&B project")
+    wandb_entity: Optional[str] = Field(None, description="W&B entity (user or team); default: W&B's own")
+    wandb_mode: Optional[Literal["online", "offline"]] = Field(None, description="W&B mode; default: WANDB_MODE or "
+                                                                "W&B's own (online)")
+    wandb_tags: list[str] = Field([], description="extra W&B tags (kdlab adds the objective, model and dataset)")
+    mlflow: bool = Field(False, description="log to MLflow (pip install 'kdlab[mlflow]')")
+    mlflow_tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default: a local SQLite store "
+                                               "beside the run dirs, sqlite:///OUT_DIR/mlflow.db (`mlflow ui "
+                                               "--backend-store-uri` it)")
+    mlflow_experiment: str = Field("kdlab", min_length=1, description="MLflow experiment name")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..device import describe_device
 from ..errors import RunError
 from ..models import count_parameters
+from ..loggers import Trackers
 from ..runs import atomic_torch_save, atomic_write_json
 from .metrics import MetricsLog
 from .state import rank_rng
@@ -104,7 +105,7 @@ class Loop:
         """``train_module``: the distiller's module or its DDP wrapper; ``checkpoint``: the
         state resumed from (None: a fresh start); ``processes``: world size, backend,
         devices and precision for result.json; ``closers``: what the loop opens (the
-        TensorBoard writer) is appended, for the caller to close however the run ends."""
+        TensorBoard writer, the W&B/MLflow trackers) is appended, for the caller to close however the run ends."""
         self.cfg, self.run_dir, self.data, self.state, self.ctx = cfg, run_dir, data, state, ctx
         self.distiller, self.train_module, self.processes, self.log = distiller, train_module, processes, log
         self.epoch_log = None  # a callable for one line per epoch (`kdlab train --no-progress`)
@@ -124,6 +125,8 @@ class Loop:
         self.writer = _tensorboard_writer(cfg, run_dir, self.resumed_at + 1) if ctx.main else None
         if self.writer is not None:
             closers.append(self.writer)
+        self.trackers = Trackers(cfg, run_dir, ctx.main, resumed=checkpoint is not None)  # W&B, MLflow: if asked
+        closers.append(self.trackers)
         self.every_steps, self.every_s = _checkpoint_cadence(cfg, data)
         self.last_saved = time.monotonic()
         self.params = list(distiller.module.parameters())  # (clipped together: the student and its adapters)
@@ -149,6 +152,7 @@ class Loop:
                 try:
                     progress_ = self.epoch(epoch)
                 except Stop:
+                    self.trackers.stopped()
                     return None
                 self.end_of_epoch(progress_)
                 shown = self._epoch_summary(epoch + 1)
@@ -158,6 +162,7 @@ class Loop:
                                    + ", ".join(f"{k} {v}" for k, v in shown.items()))
                 if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < epochs:
                     self.distiller.finish(self.ctx.main)
+                    self.trackers.stopped()
                     return None
         self.distiller.finish(self.ctx.main)
         return self.finish(progress)
@@ -326,6 +331,7 @@ class Loop:
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.writer.add_scalar(scalar_tag(key), value, (epoch + 1) * self.opt_steps)
             self.writer.flush()
+        self.trackers.log_epoch(record, (epoch + 1) * self.opt_steps)
         ranks = rank_rng(self.ctx, device)
         if self.ctx.main:
             atomic_torch_save(self.state.checkpoint(epoch + 1, rank_rng=ranks), self.run_dir / "checkpoint.pt")
@@ -371,6 +377,7 @@ class Loop:
                 atomic_torch_save(self.distiller.adapters.state_dict(), run_dir / "adapters.pt")
             atomic_write_json(run_dir / "result.json", result)
             (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+            self.trackers.finish(result)
         return result
 
 
