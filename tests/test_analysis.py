@@ -162,3 +162,73 @@ def test_logit_statistics():
     logits = np.array([[1.0, 2.0, 5.0], [0.0, -1.0, -2.0]])
     np.testing.assert_allclose(logit_sums(logits), [8.0, -3.0])
     np.testing.assert_allclose(logit_gap(logits), [3.0, 1.0])
+
+
+def test_calibration_report_value_inside_interval_where_the_percentile_interval_excluded_it():
+    # the case (classwise ECE 0.0153 outside [0.0162, 0.0203]): 1,000 examples of a
+    # calibrated 10-class model. The plug-in classwise ECE is biased upward, a resample more
+    # so, and every resample lies above the value: the old percentile interval excluded it.
+    from kdlab.analysis.calibration import bootstrap_values, calibration_report
+
+    logits, labels = _calibrated_sample(n=1000, k=10, seed=0)
+    value = classwise_calibration_error(logits, labels)
+    values = bootstrap_values(classwise_calibration_error, logits, labels, n_resamples=200)
+    assert values.min() > value  # all 200 resamples above the point estimate
+    low, high = bootstrap_interval(classwise_calibration_error, logits, labels, 200, method="percentile")
+    assert value < low  # the old interval
+    report = calibration_report(logits, labels)
+    for name, entry in report.items():
+        assert entry["low"] <= entry["value"] <= entry["high"], name
+        assert entry["interval"].startswith("basic bootstrap")
+    cw = report["classwise_ece"]
+    assert cw["value"] == value and cw["high"] == value  # the basic interval lies below; widened to the value
+    q_lo, q_hi = np.quantile(values, [0.025, 0.975])
+    assert cw["low"] == pytest.approx(max(0.0, 2 * value - q_hi), abs=1e-15)
+
+
+def test_basic_bootstrap_interval_equation():
+    from kdlab.analysis.calibration import bootstrap_values
+
+    rng = np.random.default_rng(3)
+    logits, labels = rng.normal(size=(300, 4)) * 2, rng.integers(0, 4, 300)
+    values = bootstrap_values(expected_calibration_error, logits, labels, n_resamples=150, seed=7)
+    q_lo, q_hi = np.quantile(values, [0.05, 0.95])
+    theta = expected_calibration_error(logits, labels)
+    low, high = bootstrap_interval(expected_calibration_error, logits, labels, 150, level=0.9, seed=7)
+    assert (low, high) == pytest.approx((min(2 * theta - q_hi, theta), max(2 * theta - q_lo, theta)), abs=1e-15)
+    assert bootstrap_interval(expected_calibration_error, logits, labels, 150, level=0.9, seed=7,
+                              method="percentile") == pytest.approx((q_lo, q_hi), abs=1e-15)
+    assert bootstrap_interval(expected_calibration_error, logits, labels, 150, seed=7, bounds=(0.0, 1.0))[0] >= 0
+    with pytest.raises(ValueError, match="method"):
+        bootstrap_interval(expected_calibration_error, logits, labels, 10, method="bca")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_report_interval_contains_its_value_on_random_inputs(seed):
+    from kdlab.analysis.calibration import METRIC_RANGE, calibration_report
+
+    rng = np.random.default_rng(100 + seed)
+    n, k = int(rng.integers(20, 600)), int(rng.integers(2, 12))
+    logits = rng.normal(size=(n, k)) * rng.uniform(0.3, 5)
+    labels = rng.integers(0, k, n) if seed % 2 else _calibrated_sample(n, k, seed)[1]
+    if not seed % 2:
+        logits = _calibrated_sample(n, k, seed)[0]
+    for name, entry in calibration_report(logits, labels, n_resamples=60, seed=seed).items():
+        lo_b, hi_b = METRIC_RANGE[name]
+        assert lo_b <= entry["low"] <= entry["value"] <= entry["high"] <= hi_b, name
+
+
+def test_token_calibration_report_interval_contains_its_value():
+    from kdlab.analysis.calibration import ece_of_confidence, token_calibration_report
+
+    rng = np.random.default_rng(0)  # calibrated tokens: P(correct) = confidence
+    confidence = rng.uniform(0.05, 1, 1000)
+    correct = (rng.uniform(size=1000) < confidence).astype(float)
+    columns = np.stack([confidence, correct], 1)
+    token_ece = lambda c, _: ece_of_confidence(c[:, 0], c[:, 1])
+    low, _ = bootstrap_interval(token_ece, columns, np.zeros(1000), 200, method="percentile")
+    assert token_ece(columns, None) < low  # the old interval excluded this ECE
+    report = token_calibration_report(confidence, correct, np.log(np.where(correct > 0, confidence, 1 - confidence)))
+    for name, entry in report.items():
+        assert 0 <= entry["low"] <= entry["value"] <= entry["high"], name
+    assert report["accuracy"]["high"] <= 1

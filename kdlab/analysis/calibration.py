@@ -73,7 +73,8 @@ def ece_of_confidence(confidence, correct, n_bins: int = 15) -> float:
 def token_calibration_report(confidence, correct, label_logprob, n_bins: int = 15, n_resamples: int = 200,
                              seed: int = 0) -> dict:
     """accuracy, ECE and NLL with bootstrap 95% intervals from per-token confidence,
-    correctness and the label's log-probability (translation runs)."""
+    correctness and the label's log-probability (translation runs); the intervals are
+    :func:`bootstrap_interval`'s basic bootstrap, as in :func:`calibration_report`."""
     confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
     columns = np.stack([confidence, correct, -np.asarray(label_logprob, np.float64)], 1)
     metrics = {"accuracy": lambda c, _: float(c[:, 1].mean()),
@@ -81,8 +82,9 @@ def token_calibration_report(confidence, correct, label_logprob, n_bins: int = 1
                "nll": lambda c, _: float(c[:, 2].mean())}
     out = {}
     for name, metric in metrics.items():
-        low, high = bootstrap_interval(metric, columns, np.zeros(len(columns)), n_resamples, seed=seed)
-        out[name] = {"value": metric(columns, None), "low": low, "high": high}
+        low, high = bootstrap_interval(metric, columns, np.zeros(len(columns)), n_resamples, seed=seed,
+                                       bounds=METRIC_RANGE[name])
+        out[name] = {"value": metric(columns, None), "low": low, "high": high, "interval": INTERVAL_METHOD}
     return out
 
 
@@ -148,6 +150,15 @@ CALIBRATION_METRICS: dict[str, Callable] = {
     "brier": brier_score,
 }
 
+# the range each metric can take, to which its interval is clipped
+METRIC_RANGE: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0), "ece": (0.0, 1.0), "mce": (0.0, 1.0), "adaptive_ece": (0.0, 1.0),
+    "classwise_ece": (0.0, 1.0), "nll": (0.0, math.inf), "brier": (0.0, 2.0),
+}
+
+# what the reports' ``interval`` key says about ``low`` and ``high``
+INTERVAL_METHOD = "basic bootstrap 95%, widened to include the value"
+
 
 def bootstrap_bytes(n_resamples: int, rows: int) -> int:
     """Memory of :func:`bootstrap_interval`: its resample index matrix (int64) and the values."""
@@ -170,24 +181,60 @@ def check_bootstrap_memory(n_resamples: int, rows: int, limit_bytes: int | None 
                           f"use at most {most:,} (the default is 200)")
 
 
-def bootstrap_interval(metric: Callable, logits, labels, n_resamples: int = 1000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric`` over examples resampled with replacement."""
+def bootstrap_values(metric: Callable, logits, labels, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """``metric`` of ``n_resamples`` resamples of the examples (rows of ``logits`` and
+    ``labels`` together) drawn with replacement."""
     logits, labels = np.asarray(logits), np.asarray(labels)
     check_bootstrap_memory(n_resamples, len(labels))
     rng = np.random.default_rng(seed)
-    values = [metric(logits[idx], labels[idx]) for idx in rng.integers(0, len(labels), (n_resamples, len(labels)))]
-    low, high = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(low), float(high)
+    return np.array([metric(logits[idx], labels[idx])
+                     for idx in rng.integers(0, len(labels), (n_resamples, len(labels)))], dtype=np.float64)
+
+
+def bootstrap_interval(metric: Callable, logits, labels, n_resamples: int = 1000, level: float = 0.95,
+                       seed: int = 0, method: str = "basic",
+                       bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float]:
+    """Bootstrap interval of ``metric`` over examples resampled with replacement.
+
+    With θ̂ the metric on the data and q_lo, q_hi the (1 − level)/2 and (1 + level)/2
+    quantiles of its resampled values θ*:
+
+    - ``method="basic"`` (the default; the reports use it): the basic (reverse-percentile)
+      bootstrap [2θ̂ − q_hi, 2θ̂ − q_lo], widened to include θ̂ and clipped to ``bounds``:
+      low = max(lo_b, min(2θ̂ − q_hi, θ̂)), high = min(hi_b, max(2θ̂ − q_lo, θ̂)).
+    - ``method="percentile"``: [q_lo, q_hi] (what kdlab reported before 2026-11-30).
+
+    Why basic: binned calibration errors (ECE, MCE, adaptive and classwise ECE) are sums of
+    |mean gap| per bin, biased upward by noise, and a resample (~63% distinct examples) is
+    biased further; the resamples then sit above θ̂ and the percentile interval can exclude
+    its own point estimate (always, for classwise ECE on 1,000 examples of a calibrated
+    model). The basic interval assumes θ* − θ̂ ≈ θ̂ − θ, so it moves down by the bootstrap's
+    estimate of the bias; it is the percentile interval reflected about θ̂, so it excludes θ̂
+    exactly when the percentile one does, and lies then wholly below θ̂: widening it to θ̂
+    keeps the value inside and can only add coverage. For smooth, unbiased metrics
+    (accuracy, NLL, Brier) the two coincide up to skew. Measured coverage: docs/operations.md.
+    """
+    if method not in ("basic", "percentile"):
+        raise ValueError(f"method must be 'basic' or 'percentile', got {method!r}")
+    values = bootstrap_values(metric, logits, labels, n_resamples, seed)
+    q_lo, q_hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    if method == "percentile":
+        return float(q_lo), float(q_hi)
+    theta = float(metric(logits, labels))
+    low, high = min(2 * theta - q_hi, theta), max(2 * theta - q_lo, theta)
+    return float(np.clip(low, *bounds)), float(np.clip(high, *bounds))
 
 
 def calibration_report(logits, labels, n_bins: int = 15, n_resamples: int = 200, seed: int = 0) -> dict:
-    """Every metric above with its bootstrap 95% interval: {name: {value, low, high}}."""
+    """Every metric above with its bootstrap 95% interval:
+    {name: {value, low, high, interval}}; ``low``/``high`` are :func:`bootstrap_interval`'s
+    basic bootstrap widened to include ``value`` (so low ≤ value ≤ high always) and
+    ``interval`` names that method."""
     out = {}
     for name, fn in CALIBRATION_METRICS.items():
         metric = (lambda lg, lb, fn=fn: fn(lg, lb, n_bins)) if "ece" in name or name == "mce" else fn
-        low, high = bootstrap_interval(metric, logits, labels, n_resamples, seed=seed)
-        out[name] = {"value": metric(logits, labels), "low": low, "high": high}
+        low, high = bootstrap_interval(metric, logits, labels, n_resamples, seed=seed, bounds=METRIC_RANGE[name])
+        out[name] = {"value": metric(logits, labels), "low": low, "high": high, "interval": INTERVAL_METHOD}
     return out
 
 
