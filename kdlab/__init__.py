@@ -7,12 +7,13 @@ The Python API (``kdlab.api``, loaded on first use so that ``import kdlab`` stay
     student = kdlab.fit("student-mnist1d", ["loss.kd=mse"])
     student.final["test_acc"], student.metrics[-1], student.eval("test")["logits"]
     loss = kdlab.KDLoss(alpha=1.0, tau=4.0)(student_logits, teacher_logits, labels)
+    student.export()  # exports/<run name>: model.safetensors, config.json, a Hub model card
 """
 
 from .version import __version__  # noqa: F401  (re-exported)
 
-__all__ = ["Config", "ConfigError", "KDLoss", "KLDivergence", "LogitMSE", "Run", "build_model", "fit", "kd_loss",
-           "list_models", "load_run", "make_config"]
+__all__ = ["Config", "ConfigError", "KDLoss", "KLDivergence", "LogitMSE", "Run", "build_model", "export_run", "fit",
+           "kd_loss", "list_models", "load_run", "make_config"]
 
 
 def __getattr__(name: str):

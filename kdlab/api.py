@@ -104,6 +104,10 @@ class Run:
         return analyze_run(self.path, teacher_dir, figures=figures, log=options.pop("log", lambda *a: None),
                            **options)
 
+    def export(self, out: str | Path | None = None, force: bool = False) -> Path:
+        """Write this finished run as a folder to publish (`export_run`, ``kdlab export``)."""
+        return export_run(self.path, out, force)
+
     def _need_finished(self, what: str) -> None:
         if not self.finished:
             raise ConfigError(f"{self.path} has not finished (no result.json): {what} needs a finished run; "
@@ -115,7 +119,8 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """Open a run dir (finished or not)."""
+    """Open a run dir (finished or not), or a folder `export_run` wrote (config, result, model;
+    no evaluation outputs)."""
     from .runs import load_run_config, read_json, read_metrics
 
     path = Path(path)
@@ -124,6 +129,17 @@ def load_run(path: str | Path) -> Run:
     result = read_json(path / "result.json") if (path / "result.json").is_file() else None
     metrics = read_metrics(path) if (path / "metrics.jsonl").is_file() else []
     return Run(path, load_run_config(path), metrics, result)
+
+
+def export_run(run: str | Path | Run, out: str | Path | None = None, force: bool = False) -> Path:
+    """A finished run as a folder to publish (``kdlab export``): model.safetensors, config.json
+    (architecture, classes, input preprocessing), a Hub model card (README.md) and the run's
+    config.yaml / result.json, so that `load_run` and ``teacher.runs`` take it back. ``out``
+    defaults to ``exports/<run name>``; a non-empty ``out`` is refused unless ``force`` and it
+    holds an earlier export. Returns ``out``. (Not ``kdlab.export``: that is the module.)"""
+    from .export import export_run as _export_run
+
+    return _export_run(run.path if isinstance(run, Run) else run, out, force)
 
 
 def fit(source: Config | dict | str | Path, overrides: Iterable[str] = (), *, progress: bool = True,

@@ -1,5 +1,5 @@
-"""The ``kdlab`` command: ``train``, ``configs``, ``models``, ``analyze``, ``translate``, ``sweep``, ``report``,
-``reproduce``, ``demo``.
+"""The ``kdlab`` command: ``train``, ``configs``, ``models``, ``analyze``, ``compare``, ``export``, ``translate``,
+``sweep``, ``report``, ``reproduce``, ``demo``.
 
 Bad input (config, data, teacher, command line) prints one line ``kdlab: error: ...``
 and exits 2.
@@ -93,6 +93,14 @@ def _cmd_demo(args) -> int:
 def _cmd_analyze(args) -> int:
     from .analysis.analyze import analyze_run
 
+    if len(args.run_dir) > 1:  # several runs: the comparison on shared axes (`kdlab compare`)
+        if args.teacher or args.classes:
+            raise ConfigError("--teacher and --classes are for one run; several runs are compared with the teacher "
+                              "logits stored with each (`kdlab compare RUN RUN ...`)")
+        from .compare import compare_runs
+
+        compare_runs(args.run_dir, args.out)
+        return 0
     if args.bootstrap < 1:
         raise ConfigError(f"--bootstrap takes the number of resamples for the intervals (>= 1), got {args.bootstrap}")
     classes = None
@@ -102,7 +110,23 @@ def _cmd_analyze(args) -> int:
             if len(triple) != 3 or not all(triple):
                 raise ConfigError(f"--classes takes three classes like 0,1,2 (indices or class names), "
                                   f"got {','.join(triple)!r}")
-    analyze_run(args.run_dir, args.teacher, classes, args.out, n_bootstrap=args.bootstrap)
+    analyze_run(args.run_dir[0], args.teacher, classes, args.out, n_bootstrap=args.bootstrap)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .compare import compare_runs
+
+    compare_runs(args.run_dirs, args.out)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.out, force=args.force)
+    print(f"{out}: {', '.join(sorted(p.name for p in out.iterdir()))}\n"
+          f"review README.md (add a license), then publish: hf upload USER/REPO {out} .")
     return 0
 
 
@@ -249,14 +273,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "1,40 for cnn1d; 3,224,224 for timm)")
     p.add_argument("--num-classes", type=int, default=100, help="with --layers: the number of classes (default 100)")
     p.set_defaults(func=_cmd_models)
-    p = sub.add_parser("analyze", help="calibration, logit statistics, projections, MI of a finished run")
-    p.add_argument("run_dir")
+    p = sub.add_parser("analyze", help="calibration, logit statistics, projections, MI of a finished run "
+                       "(several runs: as `kdlab compare`)")
+    p.add_argument("run_dir", nargs="+", help="a finished run dir; several: compared on shared axes")
     p.add_argument("--teacher", help="teacher run dir (default: the teacher logits stored with the run, if any)")
     p.add_argument("--classes", action="append", help="three classes for the template projection, as indices or "
                    "class names (an image folder's folder names): default 0,1,2; repeat for more projections")
     p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
     p.set_defaults(func=_cmd_analyze)
+    p = sub.add_parser("compare", help="several finished runs on shared axes, labelled by objective, seeds "
+                       "aggregated: Kim Figs. 2 and 4, reliability, accuracy against τ, with their table")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run dirs of one dataset (two or more)")
+    p.add_argument("--out", help="output directory (default compare-HASH beside the first run, HASH of the runs' "
+                   "names)")
+    p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("export", help="a finished run as a folder to publish: model.safetensors, config.json, "
+                       "a Hub model card (README.md); kdlab and timm load it back")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output folder (default exports/RUN_NAME: the run's name, by which a student's "
+                   "run hash names its teacher)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("translate", help="decode a finished translation run again (beam, length penalty, "
                        "temperatures) without training; writes RUN_DIR/decode/SETTINGS/")
     p.add_argument("run_dir")

@@ -1,14 +1,14 @@
 """``kdlab report DIR``: tables with the paper's numbers beside ours, figures, hardware.
 
 Reads ``DIR/sweep.json`` (written by ``kdlab sweep``), the recipe it names, and the run
-dirs; writes ``DIR/report.md`` and a self-contained ``DIR/report.html`` (figures inlined
-as base64 PNG). Ours are mean ± std over seeds (std omitted for one seed).
+dirs; writes ``DIR/report.md``, and ``DIR/report.html`` rendered from it by python-markdown
+(self-contained: figures inlined as base64 PNG). Ours are mean ± std over seeds (std
+omitted for one seed). A ``figures`` item draws its settings on shared axes, seeds
+aggregated (``kdlab.compare``), with the table of the figures' numbers below them.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import os
 import platform
 import time
@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import RunError
 from .recipes import Recipe, ReportItem, RunSpec, expand, load_recipe
+from .htmlpage import markdown_to_html
 from .runs import atomic_write_json, atomic_write_text, read_json
 
 
@@ -233,16 +234,21 @@ def _plot(item: ReportItem, rows, cols, cells, path: Path) -> Path | None:
             if xs:
                 means = np.array([cells[r, col][0] for r in xs])
                 spreads = [cells[r, col][1] for r in xs]
-                if item.spread == "minmax":  # asymmetric bars from min to max
-                    yerr = np.array([[m - s[0], s[1] - m] for m, s in zip(means, spreads)]).T
-                else:
-                    yerr = np.array(spreads, dtype=float)
-                ax.errorbar(range(len(xs)), means, yerr=yerr, marker="o", capsize=3, label=col or item.metric)
-                ax.set_xticks(range(len(xs)), xs, rotation=30 if max(map(len, xs)) > 4 else 0, ha="right" if max(map(len, xs)) > 4 else "center")
+                if item.spread == "minmax":  # the band from min to max over seeds
+                    low, high = np.array([s[0] for s in spreads]), np.array([s[1] for s in spreads])
+                else:  # mean ± std over seeds (0 for one seed)
+                    std = np.array([s if s is not None else 0.0 for s in spreads], dtype=float)
+                    low, high = means - std, means + std
+                positions = [rows.index(r) for r in xs]
+                (line,) = ax.plot(positions, means, marker="o", markersize=4, label=col or item.metric)
+                ax.fill_between(positions, low, high, color=line.get_color(), alpha=0.18, linewidth=0)
             for row in rows:
                 paper = item.paper.get(row, {}).get(col if col else item.metric)  # no column axis: keyed by metric
                 if paper is not None:
                     ax.scatter(rows.index(row), paper, marker="x", color="black")
+        if rows:
+            long = max(map(len, rows)) > 4
+            ax.set_xticks(range(len(rows)), rows, rotation=30 if long else 0, ha="right" if long else "center")
         ax.set(xlabel=item.x, ylabel=f"{item.metric} ×{item.scale:g}", title=item.title)
         ax.legend(fontsize=8)
         return _save(fig, path)
@@ -276,26 +282,18 @@ def write_report(directory: str | Path, log=print) -> dict:
     runs = expand(recipe, scale, directory, manifest.get("settings", []))
     figure_dir = directory / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
-    sections = []  # (title, markdown table or None, [png paths], comment)
+    sections = []  # _section: title, markdown table or None, [(png, caption)], comment
     tables = []  # the same numbers as data (report.json)
     for index, item in enumerate(recipe.report):
         if item.kind == "figures":
-            pngs = []
-            for run in runs:
-                if run.stage == item.stage and all(run.labels.get(a) == v for a, v in item.where.items()) \
-                        and run.seed == min(r.seed for r in runs if r.stage == item.stage):
-                    for name in item.figures:
-                        png = run.run_dir / "analysis" / f"{name}.png"
-                        if png.is_file():
-                            pngs.append((png, run.describe()))
-            sections.append((item.title, None, pngs, item.comment))
+            sections.append(_figure_section(index, item, runs, directory))
             continue
         if item.kind == "claims":
             claims = _claims(item, runs)
             tables.append({"title": item.title, "kind": "claims", "stage": item.stage, "metric": item.metric,
                            "scale": item.scale, "claims": claims})
             comment = (item.comment + "\n\n" if item.comment else "") + CLAIMS_NOTE
-            sections.append((item.title, _claims_md(claims), [], comment))
+            sections.append(_section(item.title, _claims_md(claims), [], comment))
             continue
         row_axis = item.rows if item.kind != "curve" else item.x
         col_axis = item.cols if item.kind != "curve" else item.lines
@@ -303,7 +301,7 @@ def write_report(directory: str | Path, log=print) -> dict:
         tables.append(_table_json(item, rows, cols, cells, _seed_values(item, runs, row_axis, col_axis, rows, cols)))
         table = _table_md(item.model_copy(update={"rows": row_axis}), rows, cols, cells)
         png = _plot(item, rows, cols, cells, figure_dir / f"{index:02d}-{item.kind}")
-        sections.append((item.title, table, [(png, item.title)] if png else [], item.comment))
+        sections.append(_section(item.title, table, [(png, item.title)] if png else [], item.comment))
 
     results = [read_json(r.run_dir / "result.json") for r in runs if (r.run_dir / "result.json").is_file()]
     hardware = _hardware()
@@ -314,8 +312,9 @@ def write_report(directory: str | Path, log=print) -> dict:
             "settings": manifest.get("settings", []), "hardware": hardware, "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     md = _markdown(info, sections, directory)
     atomic_write_text(directory / "report.md", md)
-    atomic_write_text(directory / "report.html", _html(info, sections))
-    atomic_write_json(directory / "report.json", {**info, "tables": tables})
+    atomic_write_text(directory / "report.html", markdown_to_html(md, info["title"], directory))
+    atomic_write_json(directory / "report.json", {**info, "tables": tables,
+                                                  "figures": [s["data"] for s in sections if "data" in s]})
     log(f"report: {directory / 'report.html'}, {directory / 'report.md'} and {directory / 'report.json'} (the tables "
         "as data)")
     return info
@@ -335,43 +334,118 @@ def _info_lines(info: dict) -> list[str]:
             f"; torch {hw['torch']}, Python {hw['python']}; generated {info['generated_at']}"]
 
 
+def _section(title: str, table: str | None, pngs: list, comment: str, figures_first: bool = False) -> dict:
+    """One section of the report: a table and/or figures [(png, caption)], with the recipe's
+    comment; a figure section puts its figures first and the table of their numbers below."""
+    return {"title": title, "table": table, "pngs": pngs, "comment": comment, "figures_first": figures_first}
+
+
+# per figure of `kdlab analyze`: the numbers of analysis.json that go beside it (header, metric, scale)
+FIGURE_NUMBERS = {
+    "reliability": [("ECE (test)", "analysis.calibration_test.ece.value", 1),
+                    ("ECE after TS", "analysis.temperature_scaling.ece_after", 1)],
+    "projection": [("tightness (val)", "analysis.projections.0.tightness.val", 1)],
+    "projection_2": [("tightness (val)", "analysis.projections.1.tightness.val", 1)],
+    "mutual_information": [("final Î (nats)", "analysis.mutual_information.last", 1)],
+    "logit_sum": [("mean Σ_k z_k", "analysis.logit_statistics.logit_sum.mean", 1)],
+    "logit_distance": [("mean ‖z_s − z_t‖ (test)", "analysis.logit_statistics.teacher.logit_distance_test.mean", 1)],
+    "feature_norm": [("mean ‖r‖ (test)", "analysis.logit_statistics.feature_norm_test.mean", 1)],
+    "temperature_curve": [("ECE (test)", "analysis.calibration_test.ece.value", 1)],
+    "bleu_temperature": [("test BLEU (beam)", "test_bleu_beam", 1)],
+}
+
+
+def _label(run: RunSpec, axes: list[str]) -> str:
+    """A run's setting in words: the values of the axes that vary in a section (one axis:
+    its value, ``KL τ=5``; several: ``noise=40%, objective=MSE``), else its own labels'
+    values (``α=0``), else its stage."""
+    if not axes:
+        return ", ".join(run.labels.values()) or run.stage
+    if len(axes) == 1:
+        return run.labels.get(axes[0], run.stage)
+    return ", ".join(f"{a}={run.labels[a]}" for a in axes if a in run.labels)
+
+
+def _figure_section(index: int, item: ReportItem, runs: list[RunSpec], directory: Path) -> dict:
+    """A ``figures`` item: where its runs hold two settings or more and the figures can be
+    overlaid (kdlab.compare.FIGURES: Kim Figs. 2 and 4, reliability, projections, MI,
+    accuracy against τ), one figure per name with every setting, its seeds aggregated, the
+    teacher dashed (``figures/NN-NAME.png``); else each setting's own `kdlab analyze` figure
+    (its first seed). Either way a table of the figures' numbers per setting (mean ± std
+    over seeds) with test accuracy, also as data (report.json's ``figures``)."""
+    from .compare import CAPTIONS, FIGURE_COLUMNS, FIGURES, compare_groups, table_markdown, teacher_references
+
+    selected = [r for r in runs if r.stage == item.stage and all(r.labels.get(a) == v for a, v in item.where.items())]
+    axes = [a for a in dict.fromkeys(k for r in selected for k in r.labels)
+            if a not in item.where and len({r.labels.get(a) for r in selected}) > 1]
+    finished = [r for r in selected if (r.run_dir / "result.json").is_file()]
+    by_label: dict[str, list[RunSpec]] = {}
+    for run in sorted(finished, key=lambda r: r.seed):
+        by_label.setdefault(_label(run, axes), []).append(run)
+    overlaid = [name for name in item.figures if name in FIGURES]
+    classifiers = all((r.run_dir / "eval_test.npz").is_file() for r in finished)
+    pngs, table, data = [], None, {"title": item.title, "stage": item.stage, "labels": list(by_label)}
+    if len(by_label) >= 2 and overlaid and classifiers:
+        projections = next((r.projections for r in finished if r.projections), None)
+        comparison = compare_groups({label: [r.run_dir for r in rs] for label, rs in by_label.items()},
+                                    directory / "figures", overlaid,
+                                    teacher_references([r.run_dir for r in finished]), prefix=f"{index:02d}-",
+                                    classes=projections[0] if projections else None)
+        pngs += [(Path(comparison["figures"][name]["png"]), CAPTIONS[name]) for name in overlaid
+                 if name in comparison["figures"]]
+        keys = ["test_acc"] + [key for name in overlaid for key in FIGURE_COLUMNS[name]]
+        table = table_markdown(comparison, keys)
+        data.update(split=comparison["split"], rows=comparison["rows"],
+                    figures={name: {**entry, "png": os.path.relpath(entry["png"], directory)}
+                             for name, entry in comparison["figures"].items()})
+    drawn = {png for png, _ in pngs}
+    for name in item.figures:  # the rest: each setting's own figure, by what it is
+        if data.get("figures") and name in data["figures"]:
+            continue
+        for label, rs in by_label.items():
+            png = rs[0].run_dir / "analysis" / f"{name}.png"
+            if png.is_file() and png not in drawn:
+                pngs.append((png, f"{label} (seed {rs[0].seed}): {name.replace('_', ' ')}"))
+                data.setdefault("run_figures", []).append(os.path.relpath(png, directory))
+    if table is None and by_label:
+        columns = [("test acc (%)", "test_acc", 100.0)] + [c for name in item.figures for c in FIGURE_NUMBERS.get(name, [])]
+        table, data["rows"] = _label_table(by_label, list(dict.fromkeys(columns)))
+    return {**_section(item.title, table, pngs, item.comment, figures_first=True), "data": data}
+
+
+def _label_table(by_label: dict[str, list[RunSpec]], columns: list[tuple]) -> tuple[str, list[dict]]:
+    """Per setting: its seeds and each column's mean ± std over them (– where no run has
+    it), as Markdown and as data (each seed's number)."""
+    values = {(label, metric): {r.seed: v * scale for r in rs if (v := _value(r, metric)) is not None}
+              for label, rs in by_label.items() for _, metric, scale in columns}
+    columns = [c for c in columns if any(values[label, c[1]] for label in by_label)]
+    lines = ["| | seeds | " + " | ".join(header for header, _, _ in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    rows = []
+    for label, rs in by_label.items():
+        cells = [label, ", ".join(str(r.seed) for r in rs)]
+        row = {"label": label, "seeds": [r.seed for r in rs]}
+        for header, metric, _ in columns:
+            found = list(values[label, metric].values())
+            digits = 2 if found and max(abs(v) for v in found) >= 1 else 4
+            cells.append("–" if not found else f"{np.mean(found):.{digits}f}" +
+                         (f" ± {np.std(found):.{digits}f}" if len(found) > 1 else ""))
+            row[metric] = {"header": header, "by_seed": {str(k): v for k, v in values[label, metric].items()}}
+        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(row)
+    return "\n".join(lines), rows
+
+
 def _markdown(info, sections, directory: Path) -> str:
     out = [f"# {info['title']}", "", f"Reproduces: {info['source']}", ""]
     out += [f"- {line}" for line in _info_lines(info)] + [""]
-    for title, table, pngs, comment in sections:
-        out += [f"## {title}", ""]
-        if comment:
-            out += [comment.strip(), ""]
-        if table:
-            out += [table, ""]
-        for png, caption in pngs:
-            out += [f"![{caption}]({os.path.relpath(png, directory)})", ""]
+    for section in sections:
+        out += [f"## {section['title']}", ""]
+        if section["comment"]:
+            out += [section["comment"].strip(), ""]
+        table = [section["table"], ""] if section["table"] else []
+        figures = []
+        for png, caption in section["pngs"]:
+            figures += [f"![{caption}]({os.path.relpath(png, directory)})", ""]
+        out += figures + table if section["figures_first"] else table + figures
     return "\n".join(out)
-
-
-def _html(info, sections) -> str:
-    esc = html.escape
-    parts = [f"<h1>{esc(info['title'])}</h1>", f"<p>Reproduces: {esc(info['source'])}</p>", "<ul>"]
-    parts += [f"<li>{esc(line)}</li>" for line in _info_lines(info)] + ["</ul>"]
-    for title, table, pngs, comment in sections:
-        parts.append(f"<h2>{esc(title)}</h2>")
-        if comment:
-            parts.append(f"<p>{esc(comment.strip())}</p>")
-        if table:
-            lines = table.splitlines()
-            head = [c.strip() for c in lines[0].strip("|").split("|")]
-            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr></thead><tbody>")
-            for line in lines[2:]:
-                cells = [c.strip() for c in line.strip("|").split("|")]
-                parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-            parts.append("</tbody></table>")
-        for png, caption in pngs:
-            data = base64.b64encode(Path(png).read_bytes()).decode()
-            parts.append(f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{esc(caption)}</figcaption></figure>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
-             "img{max-width:100%}figure{display:inline-block;margin:0.5em}figcaption{font-size:12px;color:#555}")
-    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(info['title'])}</title>"
-            f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>\n")

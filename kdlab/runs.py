@@ -13,6 +13,9 @@ A run dir ``<out_dir>/<name>-<hash>`` holds::
     result.json        final numbers; written last, so its presence means "finished"
     .lock              held (flock) by the one process training the run; holds its pid/host/start
 
+A folder ``kdlab export`` wrote (kdlab/export.py) holds config.yaml, result.json and
+model.safetensors instead of model.pt: it loads as a finished run (a teacher, ``kdlab.load_run``).
+
 Every file is written atomically (``kdlab/files.py``); weights files are read by
 ``kdlab/weights.py``. Both modules' names are importable from here too.
 """
@@ -217,7 +220,8 @@ def load_run_config(run_dir: Path):
 
 
 def load_finished_model(run_dir: Path, num_classes: int | None = None, input_shape=None):
-    """The final model of a finished run, in eval mode with frozen parameters.
+    """The final model of a finished run, in eval mode with frozen parameters. A folder
+    ``kdlab export`` wrote is one too: its model.safetensors stands for model.pt.
 
     ``num_classes`` / ``input_shape``, when given, must match the run's (a teacher for
     another dataset is refused with a one-line error)."""
@@ -240,11 +244,16 @@ def load_finished_model(run_dir: Path, num_classes: int | None = None, input_sha
             f"teacher {run_dir} takes inputs of shape {tuple(result['input_shape'])}, the dataset gives {tuple(input_shape)}"
         )
     model = build_model(cfg.model.name, result["num_classes"], input_shape=result["input_shape"])
-    state = torch_load(run_dir / "model.pt")
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise RunError(f"{run_dir / 'model.pt'}: weights do not fit {cfg.model.name} ({str(err).splitlines()[0]})") from None
+    exported = run_dir / "model.safetensors"
+    if not (run_dir / "model.pt").is_file() and exported.is_file():  # a folder `kdlab export` wrote (timm: no net.)
+        load_weights(model, exported, f"run {run_dir}")
+    else:
+        state = torch_load(run_dir / "model.pt")
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise RunError(f"{run_dir / 'model.pt'}: weights do not fit {cfg.model.name} "
+                           f"({str(err).splitlines()[0]})") from None
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

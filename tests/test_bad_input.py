@@ -511,6 +511,8 @@ CASES = [
          setup=_file),
     Case("analyze-teacher-missing", ["analyze", "{finished}", "--teacher", "/no/such/teacher"], ("/no/such/teacher",)),
     Case("analyze-teacher-unfinished", ["analyze", "{finished}", "--teacher", "{unfinished}"], ("unfinished-",)),
+    Case("export-unfinished", ["export", "{unfinished}", "--out", "{out}/export"], ("unfinished-", "not finished")),
+    Case("export-out-not-empty", ["export", "{finished}", "--out", "{out}"], ("--out", "not empty", "--force")),
     # --- sweep / reproduce / report / others ------------------------------------------------------
     Case("sweep-unknown-recipe", ["sweep", "no-such-recipe", "--out", "{out}/sweep"], ("no-such-recipe",)),
     Case("sweep-without-recipe", ["sweep", "--out", "{out}/sweep"], ("RECIPE",)),

@@ -160,7 +160,7 @@ def test_report_renders_in_headless_chromium(tiny_recipe, tmp_path):
         driver.get((out / "report.html").as_uri())
         assert driver.title == "Tiny test recipe"
         images = driver.find_elements("tag name", "img")
-        assert len(images) >= 3
+        assert len(images) >= 2
         for image in images:
             assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image)
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

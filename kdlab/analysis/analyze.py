@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, RunError
+from ..run_list import objective
 from ..runs import atomic_write_json, check_writable_dir, load_eval, load_run_config, make_dirs, read_json, read_metrics, torch_load
 from . import plots
 from .calibration import calibration_report, expected_calibration_error, fit_temperature
@@ -102,7 +103,9 @@ def analyze_run(run_dir, teacher_dir=None, classes=None, out_dir=None, n_bootstr
     check_writable_dir(out_dir, "--out", probe=True)
     make_dirs(out_dir, "--out")
     if figures:
-        report["figures"] = _figures(report, evals, all_projections, out_dir, run_dir.name, teacher_dir)
+        # figures name the run by what it is (kdlab runs's objective in words), not by its hash
+        label = f"{objective(cfg)} (seed {cfg.seed})"
+        report["figures"] = _figures(report, evals, all_projections, out_dir, label, teacher_dir)
     atomic_write_json(out_dir / "analysis.json", report)
     log(summary(report))
     return report
@@ -212,7 +215,7 @@ def _figures(report, evals, projections, out_dir: Path, label: str, teacher_dir)
     for number, (panels, proj) in enumerate(zip(projections, report["projections"]), start=1):
         if panels:  # projection.png, projection_2.png, ...
             key = "projection" if number == 1 else f"projection_{number}"
-            figs[key] = str(plots.template_projection(panels, proj["class_names"], out_dir / key))
+            figs[key] = str(plots.template_projection(panels, proj["class_names"], out_dir / key, title=label))
     split = report["logit_statistics"]["logit_sum_split"]
     sums = {label: logit_sums(evals[split]["logits"])}
     if "teacher_logits" in evals[split]:
