@@ -358,6 +358,7 @@ CASES = [
     Case("momentum-1", T("optim.momentum=1"), ("optim.momentum",)),
     Case("grad-clip-0", T("optim.grad_clip=0"), ("optim.grad_clip",)),
     Case("val-size-negative", T("data.val_size=-1"), ("data.val_size",)),
+    Case("extra-test-not-mnist1d", T("data.extra_test=100"), ("data.extra_test", "MNIST-1D only")),
     Case("label-noise-1.5", T("data.label_noise=1.5"), ("data.label_noise",)),
     Case("noise-type-unknown", T("data.noise_type=weird"), ("data.noise_type",)),
     Case("dataset-unknown", T("data.name=imagenet"), ("data.name",)),

@@ -2,6 +2,7 @@ import gzip
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -463,3 +464,41 @@ def test_mnist1d_is_cached_on_disk_and_a_bad_cache_file_is_regenerated(monkeypat
         assert np.array_equal(a, b)
     assert sources._read_mnist1d_cache(path, 300) is not None  # replaced by a good file
     sources.load_mnist1d_arrays.cache_clear()
+
+
+def test_mnist1d_extra_test_appends_held_out_signals_and_leaves_training_alone(tmp_path):
+    """data.extra_test: the standard split first, then signals from the generator under another
+    seed (none equal to a training signal); training data, normalisation and so the trained
+    weights are the same as without it; the key is in the run hash only when set."""
+    from kdlab.config import build_config
+    from kdlab.runs import torch_load
+    from kdlab.train import train
+
+    plain, extra = DataConfig(name="mnist1d", num_samples=500), DataConfig(name="mnist1d", num_samples=500,
+                                                                          extra_test=300)
+    a, b = load_dataset(plain), load_dataset(extra)
+    for key in ("train_x", "train_y", "val_x", "val_y", "mean", "std"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert len(a.test_y) == 100 and len(b.test_y) == 400
+    assert torch.equal(b.test_x[:100], a.test_x) and torch.equal(b.test_y[:100], a.test_y)
+    train_rows = {row.numpy().tobytes() for row in torch.cat([a.train_x, a.val_x])}
+    assert not any(row.numpy().tobytes() in train_rows for row in b.test_x[100:])
+    assert sorted(set(b.test_y[100:].tolist())) == list(range(10))  # all classes, as the generator draws them
+
+    base = {"data": {"name": "mnist1d", "num_samples": 500}, "model": {"name": "mlp-16"},
+            "optim": {"epochs": 2, "batch_size": 64}, "threads": 1}
+    assert build_config(base).run_hash() == build_config({**base, "data": {**base["data"], "extra_test": 0}}).run_hash()
+    runs = []
+    for n in (0, 300):
+        cfg = build_config({**base, "data": {**base["data"], "extra_test": n}, "out_dir": str(tmp_path / str(n))})
+        runs.append(Path(train(cfg, progress=False, log=lambda *_: None)["run_dir"]))
+    assert runs[0].name != runs[1].name  # the key hashes when set
+    first, second = (torch_load(r / "model.pt") for r in runs)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with np.load(runs[1] / "eval_test.npz") as f:
+        assert len(f["labels"]) == 400
+
+
+def test_extra_test_is_for_mnist1d_only():
+    with pytest.raises(ConfigError, match="data.extra_test.*MNIST-1D only"):
+        check_data_source(DataConfig(name="digits", extra_test=10))

@@ -28,7 +28,7 @@ from .sections import (
     _Strict,
 )
 
-_DATA_KEYS_HASHED_OFF_DEFAULT = ("image_size", "eval_resize", "crop_scale", "crop_ratio", "on_bad_image")
+_DATA_KEYS_HASHED_OFF_DEFAULT = ("image_size", "eval_resize", "crop_scale", "crop_ratio", "on_bad_image", "extra_test")
 _ALONE_WHAT = {"fitnets": "variant hint: Romero et al.'s first stage", "ab": "Heo et al.'s initialisation stage",
                "ft": "stage paraphraser"}
 _TRANSLATION_DATA_KEYS = ("vocab_size", "max_tokens", "min_words", "max_words", "calibration_tokens")

@@ -165,8 +165,12 @@ def check_data_source(cfg) -> None:
         raise DataError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
     if cfg.name in OPTIONAL_PACKAGES:
         check_package(cfg.name)
+    if cfg.extra_test and cfg.name != "mnist1d":
+        raise ConfigError(f"config key 'data.extra_test': held-out signals are generated for MNIST-1D only "
+                          f"(data.name=mnist1d); {cfg.name} has a fixed test set: remove the key")
     if cfg.name == "mnist1d":
         check_mnist1d_size(cfg.num_samples)
+        check_mnist1d_size(cfg.extra_test)
     if cfg.name in FILE_LAYOUTS:
         check_dataset_dir(_data_root(cfg), FILE_LAYOUTS[cfg.name], cfg.name)
     if cfg.name == "translation":
@@ -225,12 +229,23 @@ def _check_translation_source(cfg) -> None:
                         "or train.tsv/valid.tsv/test.tsv)")
 
 
+# data.extra_test: the extra signals come from the generator under another seed, so that they are
+# independent draws of the same distribution and never repeat the training signals (which the
+# generator makes from generator_seed); one offset, far from the seeds people pick
+EXTRA_TEST_SEED_OFFSET = 1_000_000
+
+
 def _read_arrays(cfg):
     """(train_x, train_y, test_x, test_y) of the dataset; check_data_source(cfg) has passed."""
     if cfg.name == "digits":
         return load_digits_arrays(seed=cfg.split_seed)
     if cfg.name == "mnist1d":
-        return load_mnist1d_arrays(cfg.num_samples, seed=cfg.generator_seed)
+        train_x, train_y, test_x, test_y = load_mnist1d_arrays(cfg.num_samples, seed=cfg.generator_seed)
+        if cfg.extra_test:  # appended after the standard test split, which stays the first rows
+            extra = load_mnist1d_arrays(cfg.extra_test, seed=(cfg.generator_seed + EXTRA_TEST_SEED_OFFSET) % 2**32)
+            test_x = np.concatenate([test_x, extra[0], extra[2]])
+            test_y = np.concatenate([test_y, extra[1], extra[3]])
+        return train_x, train_y, test_x, test_y
     if cfg.name in ("mnist", "fashion-mnist"):
         return load_idx_arrays(_data_root(cfg))
     return load_cifar_arrays(_data_root(cfg), DATASETS[cfg.name][1])
