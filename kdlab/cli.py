@@ -322,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_args(p)
     p.add_argument("--list", action="store_true", help="list the recipes")
     p.set_defaults(func=_cmd_reproduce)
-    p = sub.add_parser("demo", help="teacher + 7 students × 3 seeds on MNIST-1D, with a table (a few minutes)")
+    p = sub.add_parser("demo", help="teacher + 7 students × 5 seeds on MNIST-1D, with a table (a few minutes)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--teacher-epochs", type=int, default=100)
     p.add_argument("--student-epochs", type=int, default=100)
-    p.add_argument("--seeds", type=int, default=3, help="student seeds per objective (paired by seed)")
+    p.add_argument("--seeds", type=int, default=5, help="student seeds per objective (paired by seed)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return parser

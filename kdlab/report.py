@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -24,7 +25,19 @@ from .runs import atomic_write_json, atomic_write_text, read_json
 
 CLAIMS_NOTE = ("Paired by seed (same seed = same initialisation and batch order): a − b per seed, its mean ± "
                "standard error, and the seeds where the claim holds. Reproduced = the paper's sign in every seed "
-               "or a mean beyond twice its standard error; opposite = the same the other way; else not resolved.")
+               "or a mean beyond twice its standard error; opposite = the same the other way; else not resolved. "
+               "MDD (80%) = the minimum detectable difference, (2 + z₀.₈)·SE ≈ 2.84·SE: a true difference that "
+               "large would pass the 2-SE test in 4 runs of 5 with this run's SE, so a claim not resolved rules out "
+               "effects of about that size or more (an estimate: with few seeds the SE is itself uncertain).")
+
+def minimum_detectable_difference(se: float | None, threshold: float = 2.0, power: float = 0.8) -> float | None:
+    """The true mean difference that a test calling a claim resolved beyond ``threshold``
+    standard errors detects with probability ``power``, for a mean whose standard error is
+    ``se``: (threshold + z_power)·se, normal approximation (docs/reproductions.md, "Power
+    analysis"); None without a standard error."""
+    if se is None:
+        return None
+    return (threshold + statistics.NormalDist().inv_cdf(power)) * se
 
 
 def _axis_order(runs: list[RunSpec], axis: str) -> list[str]:
@@ -156,21 +169,23 @@ def _claims(item: ReportItem, runs: list[RunSpec]) -> list[dict]:
                     "a_by_seed": {str(s): a[s] for s in seeds}, "b_by_seed": {str(s): b[s] for s in seeds},
                     "mean_a": float(np.mean([a[s] for s in seeds])) if seeds else None,
                     "mean_b": float(np.mean([b[s] for s in seeds])) if seeds else None,
-                    "mean_diff": float(np.mean(diffs)) if diffs else None, "se": se, "holds": holds,
+                    "mean_diff": float(np.mean(diffs)) if diffs else None, "se": se,
+                    "mdd": minimum_detectable_difference(se), "holds": holds,
                     "n": len(diffs), "verdict": verdict if diffs else "pending", "paper": c.paper})
     return out
 
 
 def _claims_md(claims: list[dict]) -> str:
-    lines = ["| claim | a | b | mean a − b ± SE | seeds where it holds | verdict | paper a − b |",
-             "|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["| claim | a | b | mean a − b ± SE | seeds where it holds | verdict | MDD (80%) | paper a − b |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
     for c in claims:
         if not c["n"]:
-            lines.append(f"| {c['claim']} | – | – | – | – | pending | {_paper(c['paper'])} |")
+            lines.append(f"| {c['claim']} | – | – | – | – | pending | – | {_paper(c['paper'])} |")
             continue
         diff = f"{c['mean_diff']:+.2f}" + (f" ± {c['se']:.2f}" if c["se"] is not None else "")
+        mdd = "–" if c.get("mdd") is None else f"{c['mdd']:.2f}"
         lines.append(f"| {c['claim']} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {diff} | {c['holds']}/{c['n']} | "
-                     f"{c['verdict']} | {_paper(c['paper'])} |")
+                     f"{c['verdict']} | {mdd} | {_paper(c['paper'])} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from kdlab.demo import STUDENTS, run_demo
 
 def test_demo_trains_teacher_and_all_students_and_writes_the_table(tmp_path):
     lines = []
-    kwargs = dict(teacher_epochs=2, student_epochs=2, num_samples=1000, seeds=2, teacher_model="mlp-16-bn",
+    kwargs = dict(teacher_epochs=2, student_epochs=2, num_samples=1000, extra_test=300, seeds=2, teacher_model="mlp-16-bn",
                   student_model="mlp-8-bn", progress=False)
     out = run_demo(tmp_path, log=lines.append, **kwargs)
     table = out["table"].splitlines()
@@ -61,3 +61,7 @@ def test_reading_names_the_gap_and_the_objectives_that_always_win():
     rows[2:4] = [{"label": "KL τ=4", "seed": s, "result": run(a)} for s, a in enumerate([0.82, 0.80])]
     line = reading(summarise(rows, teacher), teacher)
     assert "KL τ=4 has the highest mean" in line and "not resolved, so no single best objective" in line
+    # ... and says how large a lead these seeds could have seen: (2 + z_0.8)·SE of the paired differences
+    diffs = [82 - 80, 80 - 81]  # KL τ=4 − CE, by seed
+    se = abs(diffs[0] - diffs[1]) / 2
+    assert f"would have resolved a lead of about {2.8416212335729143 * se:.2f} points or more" in line

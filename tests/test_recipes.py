@@ -131,6 +131,21 @@ def test_packaged_recipes_and_example_configs(tmp_path, monkeypatch, capsys):
     assert "name: cnn1d-64" in printed and "epochs: 1" in printed
 
 
+def test_minimum_detectable_difference_closed_form():
+    from statistics import NormalDist
+
+    from kdlab.report import minimum_detectable_difference
+
+    rng = np.random.default_rng(0)
+    for se, threshold, power in zip(rng.uniform(0, 3, 20), rng.uniform(1, 3, 20), rng.uniform(0.5, 0.99, 20)):
+        expected = (threshold + NormalDist().inv_cdf(power)) * se
+        assert minimum_detectable_difference(se, threshold, power) == pytest.approx(expected, rel=1e-12)
+        # by construction, a true difference of one MDD passes the threshold with probability `power`
+        assert 1 - NormalDist(expected, se).cdf(threshold * se) == pytest.approx(power, abs=1e-9)
+    assert minimum_detectable_difference(1.0) == pytest.approx(2.8416212335729143)
+    assert minimum_detectable_difference(None) is None
+
+
 def test_paired_verdict_follows_the_rule():
     from kdlab.report import paired_verdict
 

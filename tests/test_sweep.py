@@ -96,6 +96,9 @@ def test_local_sweep_with_two_processes_then_skip_then_report(tiny_recipe, tmp_p
         "reproduced", "opposite", "not resolved")
     assert claims[1]["seeds"] == [0] and claims[1]["verdict"] == "too few seeds"
     assert "| MSE ≥ KL τ=∞ |" in md and "seeds where it holds" in md
+    # the minimum detectable difference beside each verdict: (2 + z_0.8)·SE, none without an SE
+    assert first["mdd"] == pytest.approx(2.8416212335729143 * first["se"], rel=1e-12)
+    assert claims[1]["mdd"] is None and "| MDD (80%) |" in md and f"| {first['mdd']:.2f} |" in md
 
 
 def test_failed_teacher_skips_its_students(tiny_recipe, tmp_path):
