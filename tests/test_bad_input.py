@@ -460,6 +460,7 @@ CASES = [
     # --- data: built-in datasets ------------------------------------------------------------------
     Case("mnist1d-num-samples-huge", T("data.name=mnist1d", "data.num_samples=100000000"), ("data.num_samples",),
          max_seconds=20),
+    Case("mnist1d-num-samples-under-10", T("data.name=mnist1d", "data.num_samples=9"), ("data.num_samples", "at least 10")),
     Case("val-size-larger-than-train", T("data.val_size=5000"), ("data.val_size", "5000")),
     # --- teacher ----------------------------------------------------------------------------------
     Case("teacher-missing", T("loss.alpha=1", "teacher.runs=[/no/such/run]"), ("/no/such/run",)),

@@ -87,3 +87,15 @@ def test_auto_name_says_what_the_run_is():
     assert name(*teacher, "distill.method=ofd") == "student-ofd"
     cfg = load_config(None, ["name=auto", *teacher, "loss.alpha=1"])
     assert cfg.run_dir().name.endswith(cfg.run_hash()) and cfg.run_name() == "student-kl-tau4"
+
+
+def test_extra_test_is_in_the_run_hash_only_when_set():
+    """data.extra_test (more MNIST-1D test signals) is newer than existing run dirs: unset or 0,
+    a config hashes as before the key existed (the hashes pinned here were computed at the
+    revision before it); set, the run (whose test split differs) hashes apart."""
+    small = {"data": {"name": "mnist1d", "num_samples": 500}}
+    assert build_config({}).run_hash() == build_config({}, ["data.extra_test=0"]).run_hash() == "9ca01ceb"
+    assert build_config(small).run_hash() == "28f99019"
+    assert build_config({"data": {**small["data"], "extra_test": 0}}).run_hash() == "28f99019"
+    hashes = {build_config({}, [f"data.extra_test={n}"]).run_hash() for n in (0, 500, 19000)}
+    assert len(hashes) == 3

@@ -13,7 +13,8 @@ import kdlab.data
 from kdlab.config import DataConfig
 from kdlab.data import add_label_noise, check_data_source, get_augmentation, load_dataset
 from kdlab.data import sources
-from kdlab.data.sources import FASHION_MNIST_DEBIAN_DIR, load_cifar_arrays, load_idx_arrays, read_idx
+from kdlab.data.sources import (FASHION_MNIST_DEBIAN_DIR, check_mnist1d_size, load_cifar_arrays, load_idx_arrays,
+                                 read_idx)
 from kdlab.errors import ConfigError, DataError
 
 from conftest import write_cifar, write_cifar_batch, write_idx, write_idx_dataset
@@ -502,3 +503,48 @@ def test_mnist1d_extra_test_appends_held_out_signals_and_leaves_training_alone(t
 def test_extra_test_is_for_mnist1d_only():
     with pytest.raises(ConfigError, match="data.extra_test.*MNIST-1D only"):
         check_data_source(DataConfig(name="digits", extra_test=10))
+
+
+def test_mnist1d_extra_test_of_any_size_gives_that_many_signals(monkeypatch, tmp_path):
+    """The generator makes whole tens (num_samples // 10 per class): data.extra_test asks it for
+    the next whole ten and keeps the first extra_test signals (its train part, then its test
+    part); none repeats a training or a standard test signal."""
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path))
+    sources.load_mnist1d_arrays.cache_clear()
+    plain = load_dataset(DataConfig(name="mnist1d", num_samples=100))
+    seen = {row.numpy().tobytes() for row in torch.cat([plain.train_x, plain.val_x, plain.test_x])}
+    for n in (1, 7, 13):
+        data = load_dataset(DataConfig(name="mnist1d", num_samples=100, extra_test=n))
+        assert len(data.test_x) == len(data.test_y) == 20 + n
+        assert torch.equal(data.test_x[:20], plain.test_x) and torch.equal(data.train_x, plain.train_x)
+        x, y, x_test, y_test = sources.load_mnist1d_arrays(-(-n // 10) * 10, seed=42 + 1_000_000)
+        assert np.array_equal(data.test_x[20:].numpy(), np.concatenate([x, x_test])[:n])
+        assert np.array_equal(data.test_y[20:].numpy(), np.concatenate([y, y_test])[:n])
+        assert not any(row.numpy().tobytes() in seen for row in data.test_x[20:])
+    sources.load_mnist1d_arrays.cache_clear()
+
+
+def test_mnist1d_sizes_not_whole_tens_are_cached_and_under_ten_is_a_config_error(monkeypatch, tmp_path):
+    """num_samples=55 gives the generator's 50 signals, read back from the disk cache (it was
+    rejected as the wrong size and generated in every process); under 10 the generator has
+    nothing to make: a ConfigError before it runs."""
+    import mnist1d.data
+
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path))
+    sources.load_mnist1d_arrays.cache_clear()
+    first = sources.load_mnist1d_arrays(55, seed=3)
+    assert len(first[0]) + len(first[2]) == 50
+
+    def no_generation(args):
+        raise AssertionError("generated again although cached")
+
+    sources.load_mnist1d_arrays.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(mnist1d.data, "make_dataset", no_generation)
+        again = sources.load_mnist1d_arrays(55, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    sources.load_mnist1d_arrays.cache_clear()
+    with pytest.raises(ConfigError, match=r"^config key 'data.num_samples': .*at least 10 \(got 9\)$"):
+        check_data_source(DataConfig(name="mnist1d", num_samples=9))
+    with pytest.raises(ConfigError, match=r"^config key 'data.extra_test': 1,000,010 MNIST-1D examples"):
+        check_mnist1d_size(1_000_010, "data.extra_test")

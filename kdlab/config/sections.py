@@ -36,9 +36,10 @@ class DataConfig(_Strict):
         "resized_crop_flip (RandomResizedCrop + flip) for imagefolder")
     num_samples: int = Field(5000, gt=0, description="MNIST-1D: examples generated (80% train, 20% test)")
     generator_seed: int = Field(42, ge=0, le=SEED_MAX, description="MNIST-1D: seed of the generator")
-    extra_test: int = Field(0, ge=0, le=1_000_000, description="MNIST-1D: held-out test signals drawn from the same "
-                            "generator under another seed (generator_seed + 1,000,000), appended after the standard "
-                            "test split; training is unchanged (more statistical power for test comparisons)")
+    extra_test: int = Field(0, ge=0, le=1_000_000, description="MNIST-1D only: this many more held-out test signals, "
+                            "drawn from the same generator under another seed (generator_seed + 1,000,000: none is a "
+                            "training signal) and appended after the standard test split, which stays the first rows; "
+                            "training is unchanged (more statistical power for test comparisons)")
     label_noise: float = Field(0.0, ge=0.0, le=1.0, description="fraction of training labels flipped")
     noise_type: Literal["symmetric", "asymmetric"] = Field("symmetric", description="label noise kind")
     noise_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the label noise")

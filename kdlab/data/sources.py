@@ -32,7 +32,7 @@ from .formats import (
 
 __all__ = [
     "FASHION_MNIST_DEBIAN_DIR", "OPTIONAL_PACKAGES", "check_package", "load_digits_arrays", "MNIST1D_RATE",
-    "MNIST1D_MAX_SAMPLES", "check_mnist1d_size", "load_mnist1d_arrays",
+    "MNIST1D_MAX_SAMPLES", "MNIST1D_CLASSES", "mnist1d_generated", "check_mnist1d_size", "load_mnist1d_arrays",
     # from kdlab.data.formats
     "FileLayout", "IDX_LAYOUT", "CIFAR_LAYOUTS", "CIFAR_LABEL_KEYS", "FILE_LAYOUTS", "check_dataset_dir", "read_idx",
     "load_idx_arrays", "read_cifar_batch", "load_cifar_arrays",
@@ -81,20 +81,31 @@ def load_digits_arrays(test_size: int = 297, seed: int = 0):
 # examples, one core of a 2-core x86 VM), linear in num_samples. 1,000,000 takes ~12 min.
 MNIST1D_RATE = 1400  # examples per second, rounded down
 MNIST1D_MAX_SAMPLES = 1_000_000
+MNIST1D_CLASSES = 10
+
+
+def mnist1d_generated(num_samples: int) -> int:
+    """How many signals mnist1d's make_dataset makes when asked for ``num_samples``: it draws
+    ``num_samples // 10`` per class (5,005 gives 5,000; under 10, none: it fails)."""
+    return num_samples // MNIST1D_CLASSES * MNIST1D_CLASSES
 
 
 def _duration(seconds: float) -> str:
     return f"~{seconds / 3600:.0f} h" if seconds >= 5400 else f"~{max(1, round(seconds / 60))} min"
 
 
-def check_mnist1d_size(num_samples: int) -> None:
-    """``data.num_samples`` small enough to generate in reasonable time (ConfigError
-    saying how long it would take otherwise); checked before generating anything."""
+def check_mnist1d_size(num_samples: int, key: str = "data.num_samples") -> None:
+    """``num_samples`` (config key ``key``) small enough to generate in reasonable time and at
+    least one signal per class (ConfigError otherwise, saying how long it would take when too
+    many); checked before generating anything."""
     if num_samples > MNIST1D_MAX_SAMPLES:
         raise ConfigError(
-            f"config key 'data.num_samples': {num_samples:,} MNIST-1D examples would take "
+            f"config key '{key}': {num_samples:,} MNIST-1D examples would take "
             f"{_duration(num_samples / MNIST1D_RATE)} to generate (about {MNIST1D_RATE:,}/s here); "
             f"at most {MNIST1D_MAX_SAMPLES:,}")
+    if mnist1d_generated(num_samples) == 0:
+        raise ConfigError(f"config key '{key}': the MNIST-1D generator makes {key.rsplit('.', 1)[-1]} // "
+                          f"{MNIST1D_CLASSES} signals per class, so at least {MNIST1D_CLASSES} (got {num_samples})")
 
 
 _MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
@@ -124,7 +135,8 @@ def _read_mnist1d_cache(path: Path, num_samples: int):
             arrays = tuple(np.array(f[k]) for k in _MNIST1D_KEYS)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    if len(arrays[0]) + len(arrays[2]) != num_samples or arrays[0].dtype != np.float32 or arrays[1].dtype != np.int64:
+    if (len(arrays[0]) + len(arrays[2]) != mnist1d_generated(num_samples) or arrays[0].dtype != np.float32
+            or arrays[1].dtype != np.int64):
         return None
     return arrays
 
@@ -144,7 +156,8 @@ def _write_mnist1d_cache(path: Path, arrays) -> None:
 @functools.lru_cache(maxsize=4)
 def load_mnist1d_arrays(num_samples: int = 5000, seed: int = 42):
     """MNIST-1D (Greydanus 2020) generated locally by the ``mnist1d`` package (never its
-    download path). Its own 80/20 train/test split; signals (N, 1, 40) float32.
+    download path). Its own 80/20 train/test split of ``mnist1d_generated(num_samples)``
+    signals (whole tens: the generator draws num_samples // 10 per class), (N, 1, 40) float32.
     Generation takes ~0.7 s per 1,000 examples (at most MNIST1D_MAX_SAMPLES), so results
     are cached on disk (:func:`_mnist1d_cache_path`) and in the process (read-only arrays:
     callers copy what they change)."""
