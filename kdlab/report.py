@@ -24,17 +24,30 @@ from .runs import atomic_write_json, atomic_write_text, read_json
 
 
 CLAIMS_NOTE = ("Paired by seed (same seed = same initialisation and batch order): a − b per seed, its mean ± "
-               "standard error, and the seeds where the claim holds. Reproduced = the paper's sign in every seed "
-               "or a mean beyond twice its standard error; opposite = the same the other way; else not resolved. "
-               "MDD (80%) = the minimum detectable difference, (2 + z₀.₈)·SE ≈ 2.84·SE: a true difference that "
-               "large would pass the 2-SE test in 4 runs of 5 with this run's SE, so a claim not resolved rules out "
-               "effects of about that size or more (an estimate: with few seeds the SE is itself uncertain).")
+               "standard error (SE = the sample standard deviation of the per-seed differences / √seeds), and the "
+               "seeds where the claim holds. Reproduced = the paper's sign in every seed or a mean beyond twice its "
+               "standard error; opposite = the same the other way; else not resolved. MDD (80%) = the minimum "
+               "detectable difference, (2 + z₀.₈)·SE ≈ 2.84·SE, in the table's units (accuracy in points): a true "
+               "difference that large would pass the 2-SE test in 4 runs of 5 with this run's SE, so a claim not "
+               "resolved rules out effects of about that size or more (normal approximation, and an estimate: with "
+               "few seeds, 3 say, the SE is itself uncertain).")
 
 def minimum_detectable_difference(se: float | None, threshold: float = 2.0, power: float = 0.8) -> float | None:
-    """The true mean difference that a test calling a claim resolved beyond ``threshold``
-    standard errors detects with probability ``power``, for a mean whose standard error is
-    ``se``: (threshold + z_power)·se, normal approximation (docs/reproductions.md, "Power
-    analysis"); None without a standard error."""
+    """The minimum detectable difference (MDD) of a paired claim.
+
+    Rule 6 of the quick-scale regime rule (docs/reproductions.md) calls a claim reproduced when
+    the mean of the per-seed differences a − b exceeds ``threshold`` = 2 standard errors, SE =
+    the sample standard deviation of those differences / √n_seeds (or has the paper's sign in
+    every seed). The MDD is the true mean difference that this 2-SE test detects with
+    probability ``power``, given the SE the run observed::
+
+        MDD = (threshold + z_power) · SE = (2 + 0.8416) · SE ≈ 2.84 · SE   (power 0.8)
+
+    with z_power the standard normal quantile (``statistics.NormalDist``: scipy is not among
+    kdlab's dependencies). Normal approximation: with 3 seeds the SE is itself uncertain, so
+    the MDD is an estimate. It is in the units of the claim's metric after the report item's
+    ``scale`` (accuracy claims: points). None without a standard error (fewer than 2 seeds).
+    See docs/reproductions.md, "Power analysis"."""
     if se is None:
         return None
     return (threshold + statistics.NormalDist().inv_cdf(power)) * se
@@ -142,7 +155,8 @@ def paired_verdict(diffs: list[float], weak: bool = False) -> tuple[str, float |
     error, 'opposite' for the same the other way, else 'not resolved' ('too few seeds' below 2).
     ``weak`` is a claim written with ≥: a tie (a − b = 0) counts as holding, so the sign test
     asks a − b ≥ 0 in every seed, and 'opposite' still needs a − b < 0 in every seed.
-    Returns (verdict, standard error of the mean)."""
+    Returns (verdict, standard error of the mean: sample SD of ``diffs`` / √n);
+    ``minimum_detectable_difference`` of that SE is the effect the verdict could have resolved."""
     n = len(diffs)
     if n < 2:
         return "too few seeds", None

@@ -11,7 +11,8 @@ from kdlab.recipes import (CONFIG_DIR, RECIPE_DIR, Recipe, example_config_path, 
                            list_recipes, load_recipe, resolve_config_path)
 
 try:
-    import timm  # noqa: F401
+    import timm
+    del timm  # imported only to learn whether it loads (pyflakes reads a del as a use)
     TIMM = True
 except Exception:  # not installed, or no torchvision that loads beside this torch
     TIMM = False
@@ -159,6 +160,26 @@ def test_paired_verdict_follows_the_rule():
     assert paired_verdict([0.0, 0.2, 0.0])[0] == "not resolved"
     assert paired_verdict([0.0, 0.2, 0.0], weak=True)[0] == "reproduced"
     assert paired_verdict([0.0, -0.2, -0.1], weak=True)[0] == "not resolved"
+
+
+def test_claims_table_prints_the_mdd_after_the_verdict():
+    """A 3-seed claim not resolved: its SE is the sample SD of the differences / √3, and the
+    table's MDD (80%) column, right after the verdict, is 2.8416·SE in the metric's points."""
+    from kdlab.report import _claims_md, minimum_detectable_difference, paired_verdict
+
+    diffs = [1.0, -1.0, 0.5]
+    verdict, se = paired_verdict(diffs)
+    assert verdict == "not resolved" and se == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(3), abs=1e-12)
+    mdd = minimum_detectable_difference(se)
+    assert abs(mdd - 2.8416212335729143 * se) < 1e-9
+    claim = {"claim": "KL τ=∞ > KL τ=1", "n": 3, "mean_a": 80.5, "mean_b": 80.33333, "mean_diff": float(np.mean(diffs)),
+             "se": se, "mdd": mdd, "holds": 2, "verdict": verdict, "paper": 0.4}
+    pending = {"claim": "MSE ≥ KL τ=20", "n": 0, "paper": None}
+    header, rule, row, waiting = _claims_md([claim, pending]).splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[columns.index("verdict") + 1] == "MDD (80%)" and rule.count("|") == header.count("|")
+    assert row == f"| KL τ=∞ > KL τ=1 | 80.50 | 80.33 | +0.17 ± {se:.2f} | 2/3 | not resolved | {mdd:.2f} | +0.40 |"
+    assert [c.strip() for c in waiting.strip("|").split("|")][columns.index("MDD (80%)")] == "–"
 
 
 @pytest.mark.parametrize("path", list_recipes() + STUDIES, ids=lambda p: p.stem)
