@@ -60,6 +60,7 @@ from kdlab.analysis.calibration import (  # noqa: E402
     confidence_bins,
     ece_of_confidence,
 )
+from kdlab.device import cpu_name  # noqa: E402
 from kdlab.version import __version__ as kdlab_version  # noqa: E402
 
 CLASSES = 10
@@ -192,14 +193,6 @@ def _ints(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def print_tables(rows: list[dict]) -> None:
@@ -322,7 +315,7 @@ def main() -> int:
             "wall_s": wall, "truth_wall_s": truth_s,
             "versions": {"kdlab": kdlab_version, "python": platform.python_version(), "numpy": np.__version__,
                          "torch": torch.__version__},
-            "machine": {"cpu": _cpu(), "cores": os.cpu_count(),
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                         "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                                     "OPENBLAS_NUM_THREADS")}},
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -38,16 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kdlab.config import DataConfig  # noqa: E402
 from kdlab.data.imagefolder import load_imagefolder  # noqa: E402
+from kdlab.device import cpu_name  # noqa: E402
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_jpegs(root: Path, images: int, classes: int = 10, size=(500, 375), seed: int = 0) -> Path:
@@ -164,7 +157,7 @@ def main() -> None:
                      default=float("nan"))
     need = {m["precision"]: math.ceil(m["images_per_s"] / per_worker) if per_worker == per_worker else None
             for m in model_rows}
-    print(f"\nimage-folder path against ResNet-50 ({os.cpu_count()} cores, {_cpu()}, {device}, torch "
+    print(f"\nimage-folder path against ResNet-50 ({os.cpu_count()} cores, {cpu_name()}, {device}, torch "
           f"{torch.__version__})\n")
     print("| loader workers | decoder | images/s |\n|---:|---|---:|")
     for r in rows:
@@ -172,7 +165,7 @@ def main() -> None:
     print("\n| model | precision | batch | images/s | TorchCodec workers to keep up |\n|---|---|---:|---:|---:|")
     for m in model_rows:
         print(f"| {m['model']} | {m['precision']} | {m['batch']} | {m['images_per_s']:,.0f} | {need[m['precision']]} |")
-    result = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__, "device": str(device),
                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
               "images": f"{args.images} synthetic smooth JPEGs 500x375 q90", "loader": rows, "model": model_rows,

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kdlab.device import cpu_name  # noqa: E402
+
 IN, HIDDEN, CLASSES, BATCH, TAU = 40, 64, 10, 128, 4.0
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 
@@ -183,8 +185,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['models']} | {r['sequential_ms_per_step']:.2f} | {r['stacked_ms_per_step']:.2f} | "
               f"{r['speedup']:.1f}× | {r['max_weight_diff_fp32']:.1e} | {r['max_weight_diff_fp64']:.1e} |")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     out = Path(args.out or Path(__file__).parent / "results" / "stacked_seeds.json")
     out.write_text(json.dumps({"machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
                                            "torch": torch.__version__, "python": platform.python_version()},

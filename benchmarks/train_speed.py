@@ -55,6 +55,7 @@ from kdlab.data import load_dataset  # noqa: E402
 from kdlab.losses import kl_loss  # noqa: E402
 from kdlab.models import build_model  # noqa: E402
 from kdlab.runs import read_metrics  # noqa: E402
+from kdlab.device import cpu_name  # noqa: E402
 from kdlab.train import describe_device, resolve_device, train  # noqa: E402
 
 GRID_RUNS, GRID_EPOCHS, CIFAR_TRAIN, CROP_FLIP_VIEWS = 7 * 6 * 5, 200, 50_000, 162
@@ -266,7 +267,7 @@ def main() -> int:
     online_forwards = GRID_RUNS * GRID_EPOCHS * CIFAR_TRAIN
     cached_forwards = CIFAR_TRAIN * CROP_FLIP_VIEWS
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpu": _cpu(), "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpu": cpu_name(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "device": describe_device(device),
         "quick": args.quick, "images_per_epoch": n_train, "batch_size": args.batch_size, "precision": args.precision,
@@ -316,14 +317,6 @@ def main() -> int:
     return 0
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,21 @@ def resolve_bf16(cfg, device: torch.device) -> bool:
     return cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's first "model name"), else what platform reports:
+    what reports and benchmarks record of the machine."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
