@@ -45,13 +45,27 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 Z = 2.0 + statistics.NormalDist().inv_cdf(0.8)  # rule 6's 2 SE plus 80% power: 2.8416
 
-# test examples of each recipe's quick scale, and what could give more (see docs/reproductions.md)
-TEST_SIZE = {"kim-table5": 10000, "muller-mnist": 10000,  # Fashion-MNIST's test set (all it has)
-             "kim-table3": 5000}  # 5,000 generated test signals already; the other recipes: MNIST-1D's 1,000
+FASHION_TEST = 10000  # Fashion-MNIST's test set (all it has): kim-table5, muller-mnist
 SMALL = 10.0  # points: claims with a larger |mean difference| (a method that fails) are resolved at any power
 # and their variance (a failure mode's) says nothing about the small effects; they are left out of the pooling
 ISSUE_RECIPES = ["kim-table2", "kim-fig3", "kim-logits", "kim-ensemble", "kim-table3", "kim-table4", "kim-table5",
                  "kim-table6", "kim-fig6", "muller-distill", "muller-mnist"]
+
+
+def test_size(recipe: str) -> int:
+    """Test examples of a recipe's quick scale, from its YAML: MNIST-1D's generator keeps a fifth
+    of ``num_samples`` (1,000 of the standard 5,000) as test signals, plus ``data.extra_test``;
+    Fashion-MNIST recipes use its whole test set."""
+    import yaml
+
+    path = ROOT / "kdlab" / "assets" / "recipes" / f"{recipe}.yaml"
+    if not path.is_file():  # the studies of docs/studies/
+        path = ROOT / "docs" / "studies" / f"{recipe}.yaml"
+    spec = yaml.safe_load(path.read_text())
+    data = spec["scales"]["quick"]["base"].get("data", {})
+    if data.get("name") != "mnist1d":
+        return FASHION_TEST
+    return int(data.get("num_samples", 5000)) // 5 + int(data.get("extra_test", 0))
 
 
 def discordance(eval_dirs: list[Path]) -> dict:
@@ -116,7 +130,7 @@ def analyse(results: Path, kappa: float, effect: float, sizes=(1000, 10000, 2000
         if not claims:
             continue
         report = json.loads(path.read_text())
-        n = TEST_SIZE.get(recipe, 1000)
+        n = test_size(recipe)
         for c in claims:
             c["p_disc"] = kappa * (c["err_a"] + c["err_b"])
             c["var_test"] = c["p_disc"] / n * 1e4
