@@ -284,7 +284,7 @@ def model_card(run_dir: Path, cfg, result: dict, meta: dict, analysis: dict | No
     matter = yaml.safe_dump(front_matter(cfg, result, analysis, config), sort_keys=False, allow_unicode=True)
     lines = ["---", "# license: (choose one before uploading: https://hf.co/docs/hub/repositories-licenses)",
              matter.rstrip(), "---", "", f"# {run}", "",
-             f"A {cfg.model.name} classifier of {cfg.data.name} ({result['num_classes']} classes), trained with kdlab "
+             f"`{cfg.model.name}`, a classifier of `{cfg.data.name}` ({result['num_classes']} classes), trained with kdlab "
              f"{meta.get('kdlab_version', '(version not recorded)')}: {_objective(cfg)}; test accuracy "
              f"{100 * final['test_acc']:.2f}%.", "",
              "## Data", "",
