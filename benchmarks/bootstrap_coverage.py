@@ -193,8 +193,6 @@ def _ints(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
-
-
 def print_tables(rows: list[dict]) -> None:
     def arrow(cell: dict, key: str, fmt: str = ".2f") -> str:
         return f"{cell['percentile'][key]:{fmt}} → {cell['basic'][key]:{fmt}}"

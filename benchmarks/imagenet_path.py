@@ -41,8 +41,6 @@ from kdlab.data.imagefolder import load_imagefolder  # noqa: E402
 from kdlab.device import cpu_name  # noqa: E402
 
 
-
-
 def write_jpegs(root: Path, images: int, classes: int = 10, size=(500, 375), seed: int = 0) -> Path:
     """ImageNet's layout of smooth synthetic JPEGs (sums of random low-frequency waves per
     channel, a little noise), written by Pillow or, without it, by TorchCodec's encoder."""

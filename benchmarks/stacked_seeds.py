@@ -185,9 +185,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['models']} | {r['sequential_ms_per_step']:.2f} | {r['stacked_ms_per_step']:.2f} | "
               f"{r['speedup']:.1f}× | {r['max_weight_diff_fp32']:.1e} | {r['max_weight_diff_fp64']:.1e} |")
-    cpu = cpu_name()
     out = Path(args.out or Path(__file__).parent / "results" / "stacked_seeds.json")
-    out.write_text(json.dumps({"machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
+    out.write_text(json.dumps({"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
                                            "torch": torch.__version__, "python": platform.python_version()},
                                "steps": args.steps, "rows": rows,
                                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")

@@ -32,6 +32,7 @@ CLAIMS_NOTE = ("Paired by seed (same seed = same initialisation and batch order)
                "resolved rules out effects of about that size or more (normal approximation, and an estimate: with "
                "few seeds, 3 say, the SE is itself uncertain).")
 
+
 def minimum_detectable_difference(se: float | None, threshold: float = 2.0, power: float = 0.8) -> float | None:
     """The minimum detectable difference (MDD) of a paired claim.
 
@@ -289,8 +290,7 @@ def _hardware() -> dict:
 
     from .device import cpu_name
 
-    cpu = cpu_name()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
