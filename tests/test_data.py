@@ -437,16 +437,10 @@ def test_check_data_source_builtin_datasets(monkeypatch):
         check_data_source(DataConfig(name="digits"))
 
 
-def test_mnist1d_is_cached_on_disk_and_a_bad_cache_file_is_regenerated(monkeypatch, tmp_path):
-    """Generated once per (size, seed, versions), then read back identical by any process;
-    a truncated cache file is generated again and replaced."""
+def _mnist1d_from_cache_only(monkeypatch, num_samples: int, seed: int):
+    """load_mnist1d_arrays with the in-process cache cleared and the generator made to fail:
+    the arrays can only come from the disk cache."""
     import mnist1d.data
-
-    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path))
-    sources.load_mnist1d_arrays.cache_clear()
-    first = sources.load_mnist1d_arrays(300, seed=7)
-    (path,) = (tmp_path / "mnist1d").glob("n300-s7-*.npz")
-    assert not list((tmp_path / "mnist1d").glob("*.tmp"))
 
     def no_generation(args):
         raise AssertionError("generated again although cached")
@@ -454,7 +448,18 @@ def test_mnist1d_is_cached_on_disk_and_a_bad_cache_file_is_regenerated(monkeypat
     sources.load_mnist1d_arrays.cache_clear()
     with monkeypatch.context() as m:
         m.setattr(mnist1d.data, "make_dataset", no_generation)
-        again = sources.load_mnist1d_arrays(300, seed=7)
+        return sources.load_mnist1d_arrays(num_samples, seed=seed)
+
+
+def test_mnist1d_is_cached_on_disk_and_a_bad_cache_file_is_regenerated(monkeypatch, tmp_path):
+    """Generated once per (size, seed, versions), then read back identical by any process;
+    a truncated cache file is generated again and replaced."""
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path))
+    sources.load_mnist1d_arrays.cache_clear()
+    first = sources.load_mnist1d_arrays(300, seed=7)
+    (path,) = (tmp_path / "mnist1d").glob("n300-s7-*.npz")
+    assert not list((tmp_path / "mnist1d").glob("*.tmp"))
+    again = _mnist1d_from_cache_only(monkeypatch, 300, seed=7)
     for a, b in zip(first, again):
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
@@ -528,20 +533,11 @@ def test_mnist1d_sizes_not_whole_tens_are_cached_and_under_ten_is_a_config_error
     """num_samples=55 gives the generator's 50 signals, read back from the disk cache (it was
     rejected as the wrong size and generated in every process); under 10 the generator has
     nothing to make: a ConfigError before it runs."""
-    import mnist1d.data
-
     monkeypatch.setenv("KDLAB_CACHE", str(tmp_path))
     sources.load_mnist1d_arrays.cache_clear()
     first = sources.load_mnist1d_arrays(55, seed=3)
     assert len(first[0]) + len(first[2]) == 50
-
-    def no_generation(args):
-        raise AssertionError("generated again although cached")
-
-    sources.load_mnist1d_arrays.cache_clear()
-    with monkeypatch.context() as m:
-        m.setattr(mnist1d.data, "make_dataset", no_generation)
-        again = sources.load_mnist1d_arrays(55, seed=3)
+    again = _mnist1d_from_cache_only(monkeypatch, 55, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     sources.load_mnist1d_arrays.cache_clear()
     with pytest.raises(ConfigError, match=r"^config key 'data.num_samples': .*at least 10 \(got 9\)$"):
